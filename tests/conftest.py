@@ -28,20 +28,18 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def ray_local():
-    """One local Ray instance (2 CPUs) shared by every test of the session that needs Ray.
+    """A local Ray instance (2 CPUs) shared by the tests that need one.
 
-    Stages called inside tests see ``ray.is_initialized()`` and reuse it instead of starting
-    their own. Tests that need their own cluster (``ray start --head``) must not use this fixture
-    in the same process at the same time: they call ``ray.shutdown()`` first via ``ray_fresh``.
+    Started on first use and left running for later tests (re-started only after a test that used
+    ``ray_fresh``). Stages called inside tests see ``ray.is_initialized()`` and reuse it.
     """
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
-    # left running for later tests; shut down at interpreter exit
 
 
 @pytest.fixture()
