@@ -1,0 +1,533 @@
+"""The ``evaluate`` stage: fuse the test split with our model and the baselines, score, report.
+
+Methods compared (same inputs, same batch inference through Ray Data, same metrics):
+
+- ``average``: pixel average of the IR image and the visible luma, ``round((ir + y) / 2)``;
+- ``maximum``: pixel maximum of the IR image and the visible luma;
+- ``official``: the MDA network with the authors' released weights (only when their file is
+  configured and present);
+- ``ours``: the network trained by the ``train`` stage (checkpoint named in ``models/train.json``).
+
+Every method returns the fused luma put back together with the visible chroma (colour in, colour
+out), exactly as ``mda fuse`` writes it. The metrics follow the published convention (see
+``pipeline.metrics``): the fused image is converted BGR -> gray as if read back from its PNG file,
+so ``mda evaluate`` on the written ``fused/<method>/`` folders gives the same numbers.
+
+Outputs (under ``out_dir``): ``per_image.csv`` (``method,name,<metrics>``), ``table.md`` (means
+per method, best value per metric in bold), ``grid.png`` (IR | visible | baselines | ours for a
+few pairs), ``fused/<method>/<name>.png``; and the means per method as JSON (the DVC metrics file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.images import find_pairs, merge_luma, read_ir, read_visible, split_luma, write_image
+
+log = logging.getLogger(__name__)
+
+#: Order of the methods in tables and in the grid (ours last).
+METHOD_ORDER: tuple[str, ...] = ("average", "maximum", "official", "ours")
+#: Methods that need no weights.
+PIXEL_METHODS: tuple[str, ...] = ("average", "maximum")
+#: Metrics where lower is better (none of the eleven standard ones; kept for the table's bolding).
+LOWER_IS_BETTER: frozenset[str] = frozenset()
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The ``evaluate`` section of ``params.yaml``.
+
+    Attributes:
+        official_weights: the authors' released weights (``fusion_model.pth``); ``None``: no such
+            baseline. A configured path that does not exist skips the baseline with a log line, so
+            a fresh clone without ``../shared`` still runs.
+        batch_size: image pairs per Ray Data batch.
+        concurrency: model actors per method (each loads its weights once).
+        use_gpu: one GPU per model actor; ``None``: when the Ray cluster has GPUs.
+        grid_pairs: test pairs shown in ``grid.png`` (the first ones by name).
+        grid_tile: (height, width) in pixels of each tile of the grid (images are letterboxed).
+        max_pairs: evaluate only the first N test pairs (quick runs); ``None``: all.
+    """
+
+    official_weights: str | None = None
+    batch_size: int = 2
+    concurrency: int = 1
+    use_gpu: bool | None = None
+    grid_pairs: int = 3
+    grid_tile: tuple[int, int] = (160, 224)
+    max_pairs: int | None = None
+
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any]) -> "EvalConfig":
+        """Validate the ``evaluate`` section (errors name ``evaluate.<key>``)."""
+        from pipeline.config import ParamsError, param
+
+        w = "evaluate"
+        tile = param(cfg, "grid_tile", list, where=w, default=[160, 224])
+        if len(tile) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 16 for t in tile):
+            raise ParamsError(f"params: 'evaluate.grid_tile' must be [height, width], integers >= 16, got {tile!r}")
+        return cls(
+            official_weights=param(cfg, "official_weights", str, where=w, default=None),
+            batch_size=param(cfg, "batch_size", int, where=w, default=2, minimum=1),
+            concurrency=param(cfg, "concurrency", int, where=w, default=1, minimum=1),
+            use_gpu=param(cfg, "use_gpu", bool, where=w, default=None),
+            grid_pairs=param(cfg, "grid_pairs", int, where=w, default=3, minimum=0),
+            grid_tile=(int(tile[0]), int(tile[1])),
+            max_pairs=param(cfg, "max_pairs", int, where=w, default=None, minimum=1),
+        )
+
+
+@dataclass
+class EvalResult:
+    """What ``evaluate`` produced.
+
+    Attributes:
+        per_image: rows ``{"method", "name", <metric>: float}``.
+        means: ``{method: {metric: mean}}`` in ``METHOD_ORDER``.
+        skipped: ``{method: reason}`` for baselines that were not run.
+        paths: output name -> file written.
+    """
+
+    per_image: list[dict[str, Any]]
+    means: dict[str, dict[str, float]]
+    skipped: dict[str, str] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_test_pairs(registered_dir: str | Path, split_path: str | Path, max_pairs: int | None = None) -> list[dict[str, Any]]:
+    """Read the whole registered images of the ``test`` split as rows for Ray Data.
+
+    Args:
+        registered_dir: output of the ``register`` stage (``ir/`` and ``vi/``).
+        split_path: ``split.json`` of the ``crop`` stage (``{"test": [pair ids], ...}``).
+        max_pairs: keep only the first N pairs by id.
+
+    Returns:
+        Rows sorted by name: ``name`` str, ``ir`` / ``vi`` raw ``uint8`` bytes, ``h``, ``w``,
+        ``c`` (visible channels: 1 or 3).
+
+    Raises:
+        FileNotFoundError: a file or folder is missing, or a test pair has no registered images.
+        ValueError: ``split.json`` is malformed or its test split is empty.
+    """
+    registered_dir, split_path = Path(registered_dir), Path(split_path)
+    if not split_path.is_file():
+        raise FileNotFoundError(f"split file not found: {split_path} (run the crop stage)")
+    try:
+        split = json.loads(split_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{split_path}: not valid JSON: {exc}") from exc
+    test = split.get("test") if isinstance(split, dict) else None
+    if not isinstance(test, list) or not all(isinstance(t, str) for t in test):
+        raise ValueError(f"{split_path}: expected a list of pair ids under 'test'")
+    if not test:
+        raise ValueError(f"{split_path}: the test split is empty; raise crop fractions or add pairs")
+    pairs, _ = find_pairs(registered_dir / "ir", registered_dir / "vi")
+    by_stem = {p.stem: p for p in pairs}
+    missing = sorted(set(test) - set(by_stem))
+    if missing:
+        raise FileNotFoundError(f"{registered_dir}: no registered IR/visible images for test pairs {missing[:5]}")
+    names = sorted(test)[: max_pairs or None]
+    rows = []
+    for name in names:
+        ir = read_ir(by_stem[name].ir)
+        vi = read_visible(by_stem[name].vi)
+        if vi.shape[:2] != ir.shape:
+            raise ValueError(f"{by_stem[name].vi}: size {vi.shape[:2]} differs from its IR image {ir.shape}")
+        rows.append(_pack(name, ir, vi))
+    return rows
+
+
+def _pack(name: str, ir: np.ndarray, vi: np.ndarray) -> dict[str, Any]:
+    return {
+        "name": name,
+        "ir": ir.tobytes(),
+        "vi": vi.tobytes(),
+        "h": ir.shape[0],
+        "w": ir.shape[1],
+        "c": 1 if vi.ndim == 2 else vi.shape[2],
+    }
+
+
+def _unpack(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
+    img = np.frombuffer(buf, dtype=np.uint8)
+    return img.reshape((h, w) if c == 1 else (h, w, c))
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion methods
+
+
+def fuse_average(ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+    """Pixel-average baseline.
+
+    Args:
+        ir: ``uint8`` (H, W).
+        vi: ``uint8`` BGR (H, W, 3) or gray (H, W).
+
+    Returns:
+        ``uint8`` like ``vi``: ``round((ir + Y) / 2)`` with the visible chroma.
+    """
+    y, crcb = split_luma(vi)
+    fused = np.round((ir.astype(np.float32) + y.astype(np.float32)) / 2.0).astype(np.uint8)
+    return merge_luma(fused, crcb)
+
+
+def fuse_maximum(ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+    """Pixel-maximum baseline: ``max(ir, Y)`` with the visible chroma (shapes as ``fuse_average``)."""
+    y, crcb = split_luma(vi)
+    return merge_luma(np.maximum(ir, y), crcb)
+
+
+class FuseBatch:
+    """Ray Data callable class: fuses a batch of pairs with one method, model loaded once.
+
+    Args:
+        method: a name of ``METHOD_ORDER``.
+        weights: checkpoint or authors' file for the network methods (``None`` for pixel ones).
+        use_gpu: run the network on CUDA.
+    """
+
+    def __init__(self, method: str, weights: str | None = None, use_gpu: bool = False) -> None:
+        self.method = method
+        self.fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
+        if method == "average":
+            self.fn = fuse_average
+        elif method == "maximum":
+            self.fn = fuse_maximum
+        else:
+            if not weights:
+                raise ValueError(f"method {method!r} needs a weights file")
+            self.fn = load_fuser(weights, use_gpu=use_gpu)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fused = []
+        for buf_ir, buf_vi, h, w, c in zip(batch["ir"], batch["vi"], batch["h"], batch["w"], batch["c"]):
+            ir = _unpack(buf_ir, int(h), int(w), 1)
+            vi = _unpack(buf_vi, int(h), int(w), int(c))
+            out = np.ascontiguousarray(self.fn(ir, vi), dtype=np.uint8)
+            if out.shape != vi.shape:
+                raise ValueError(f"{self.method}: fused shape {out.shape} differs from visible {vi.shape}")
+            fused.append(out.tobytes())
+        result = dict(batch)
+        result["method"] = np.array([self.method] * len(fused), dtype=object)
+        result["fused"] = np.array(fused, dtype=object)
+        return result
+
+
+def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Load a network (our checkpoint or the authors' file) as ``fuser(ir_u8, vi_u8) -> fused_u8``."""
+    import torch
+
+    from pipeline.inference import Fuser
+    from pipeline.weights import load_model
+
+    model, info = load_model(weights)
+    if use_gpu and torch.cuda.is_available():
+        model = model.to("cuda")
+    return Fuser(model, postprocess=info.get("postprocess", "clip"))
+
+
+def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data function: the metrics of every fused image of a batch (gray, published convention)."""
+    import cv2
+
+    from pipeline.metrics import METRICS, compute_all
+
+    cols: dict[str, list[float]] = {m: [] for m in METRICS}
+    for buf_ir, buf_vi, buf_f, h, w, c in zip(batch["ir"], batch["vi"], batch["fused"], batch["h"], batch["w"], batch["c"]):
+        h, w, c = int(h), int(w), int(c)
+        ir = _unpack(buf_ir, h, w, 1)
+        vi = _unpack(buf_vi, h, w, c)
+        fu = _unpack(buf_f, h, w, c)
+        if c == 3:
+            vi = cv2.cvtColor(vi, cv2.COLOR_BGR2GRAY)
+            fu = cv2.cvtColor(fu, cv2.COLOR_BGR2GRAY)
+        values = compute_all(ir, vi, fu)
+        for m in METRICS:
+            cols[m].append(float(values[m]))
+    out = {k: batch[k] for k in ("method", "name", "fused", "h", "w", "c", "ir", "vi")}
+    out.update({m: np.asarray(v, dtype=np.float64) for m, v in cols.items()})
+    return out
+
+
+def _run_method(rows: list[dict[str, Any]], method: str, weights: str | None, cfg: EvalConfig, use_gpu: bool) -> list[dict[str, Any]]:
+    import ray
+
+    ds = ray.data.from_items(rows)
+    kwargs: dict[str, Any] = {}
+    if use_gpu and method not in PIXEL_METHODS:
+        kwargs["num_gpus"] = 1
+    fused = ds.map_batches(
+        FuseBatch,
+        fn_constructor_kwargs={"method": method, "weights": weights, "use_gpu": bool(kwargs)},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.concurrency,
+        **kwargs,
+    )
+    scored = fused.map_batches(score_batch, batch_size=cfg.batch_size, batch_format="numpy")
+    return sorted(scored.take_all(), key=lambda r: r["name"])
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def resolve_methods(checkpoint: str | Path, official_weights: str | Path | None) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Decide which methods run: ``({method: weights or None}, {skipped method: reason})``.
+
+    Raises:
+        FileNotFoundError: our checkpoint is missing.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"trained checkpoint not found: {checkpoint} (run the train stage)")
+    methods: dict[str, str | None] = {"average": None, "maximum": None}
+    skipped: dict[str, str] = {}
+    if official_weights is None:
+        skipped["official"] = "evaluate.official_weights is null"
+    elif not Path(official_weights).is_file():
+        skipped["official"] = f"authors' weights not found at {official_weights}"
+    else:
+        methods["official"] = str(official_weights)
+    for name, reason in skipped.items():
+        log.info("baseline '%s' skipped: %s", name, reason)
+    methods["ours"] = str(checkpoint)
+    return methods, skipped
+
+
+def evaluate(
+    checkpoint: str | Path,
+    registered_dir: str | Path,
+    split_path: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    cfg: EvalConfig,
+) -> EvalResult:
+    """Fuse the test split with every method, score it and write the reports.
+
+    Must run inside ``pipeline.ray_runtime.ray_session`` (or with Ray initialised).
+
+    Args:
+        checkpoint: our trained checkpoint (``models/best.pt``).
+        registered_dir: registered images (``data/registered``).
+        split_path: ``data/patches/split.json``.
+        out_dir: folder for ``per_image.csv``, ``table.md``, ``grid.png``, ``fused/``.
+        metrics_path: JSON of the means per method (``metrics/eval.json``).
+        cfg: the ``evaluate`` parameters.
+
+    Returns:
+        The per-image rows, the means, the skipped baselines and the files written.
+    """
+    import ray
+
+    from pipeline.metrics import METRICS
+
+    methods, skipped = resolve_methods(checkpoint, cfg.official_weights)
+    rows = load_test_pairs(registered_dir, split_path, cfg.max_pairs)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    log.info("evaluating %d test pairs with %s (GPU: %s)", len(rows), ", ".join(methods), use_gpu)
+
+    out_dir = Path(out_dir)
+    per_image: list[dict[str, Any]] = []
+    fused_images: dict[str, dict[str, np.ndarray]] = {}
+    for method, weights in methods.items():
+        for r in _run_method(rows, method, weights, cfg, use_gpu):
+            h, w, c = int(r["h"]), int(r["w"]), int(r["c"])
+            img = _unpack(r["fused"], h, w, c)
+            write_image(out_dir / "fused" / method / f"{r['name']}.png", img)
+            fused_images.setdefault(method, {})[r["name"]] = img
+            per_image.append({"method": method, "name": r["name"], **{m: float(r[m]) for m in METRICS}})
+
+    means = mean_per_method(per_image, METRICS)
+    result = EvalResult(per_image=per_image, means=means, skipped=skipped)
+    result.paths["per_image"] = write_per_image_csv(out_dir / "per_image.csv", per_image, METRICS)
+    result.paths["metrics"] = write_text_atomic(Path(metrics_path), json.dumps(means, indent=2) + "\n")
+    result.paths["table"] = write_text_atomic(out_dir / "table.md", markdown_table(means, METRICS, len(rows), skipped))
+    sources = {r["name"]: (_unpack(r["ir"], r["h"], r["w"], 1), _unpack(r["vi"], r["h"], r["w"], r["c"])) for r in rows}
+    grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
+    if grid is not None:
+        result.paths["grid"] = write_image(out_dir / "grid.png", grid)
+    return result
+
+
+def mean_per_method(per_image: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Means of every metric per method, methods in ``METHOD_ORDER`` (values rounded to 6 digits)."""
+    means: dict[str, dict[str, float]] = {}
+    present = [m for m in METHOD_ORDER if any(r["method"] == m for r in per_image)]
+    present += sorted({r["method"] for r in per_image} - set(present))
+    for method in present:
+        sel = [r for r in per_image if r["method"] == method]
+        means[method] = {m: round(float(np.mean([r[m] for r in sel])), 6) for m in metrics}
+    return means
+
+
+def write_per_image_csv(path: str | Path, per_image: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> Path:
+    """Write ``method,name,<metrics>`` rows (atomic)."""
+    lines = [",".join(["method", "name", *metrics])]
+    for r in per_image:
+        lines.append(",".join([r["method"], r["name"], *(f"{r[m]:.6f}" for m in metrics)]))
+    return write_text_atomic(Path(path), "\n".join(lines) + "\n")
+
+
+def markdown_table(
+    means: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str],
+    n_pairs: int | None = None,
+    skipped: Mapping[str, str] | None = None,
+) -> str:
+    """A Markdown table of the means, one row per method, the best value per metric in bold."""
+    best: dict[str, float] = {}
+    for m in metrics:
+        vals = [v[m] for v in means.values()]
+        best[m] = min(vals) if m in LOWER_IS_BETTER else max(vals)
+    head = "| method | " + " | ".join(metrics) + " |"
+    sep = "|---|" + "---:|" * len(metrics)
+    lines = []
+    if n_pairs is not None:
+        lines += [f"Means over the {n_pairs} test pairs (higher is better; best in bold).", ""]
+    lines += [head, sep]
+    for method, vals in means.items():
+        cells = [f"**{vals[m]:.4f}**" if np.isclose(vals[m], best[m]) else f"{vals[m]:.4f}" for m in metrics]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, reason in (skipped or {}).items():
+        lines += ["", f"Baseline `{method}` skipped: {reason}."]
+    return "\n".join(lines) + "\n"
+
+
+def image_grid(
+    sources: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    fused: Mapping[str, Mapping[str, np.ndarray]],
+    n_pairs: int,
+    tile: tuple[int, int],
+    header: int = 24,
+) -> np.ndarray | None:
+    """Build the comparison grid: a labelled header, then one row per pair.
+
+    Columns: IR | visible | each method of ``fused`` in ``METHOD_ORDER``. Every image is
+    letterboxed into a ``tile`` (height, width) cell.
+
+    Returns:
+        ``uint8`` BGR ``(header + n * tile_h, n_cols * tile_w, 3)`` with ``n = min(n_pairs,
+        len(sources))``, or ``None`` when there is nothing to show.
+    """
+    import cv2
+
+    names = sorted(sources)[:n_pairs]
+    if not names:
+        return None
+    methods = [m for m in METHOD_ORDER if m in fused] + sorted(set(fused) - set(METHOD_ORDER))
+    labels = ["IR", "visible", *methods]
+    th, tw = tile
+    grid = np.zeros((header + len(names) * th, len(labels) * tw, 3), dtype=np.uint8)
+    for j, label in enumerate(labels):
+        cv2.putText(grid, label, (j * tw + 6, header - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    for i, name in enumerate(names):
+        ir, vi = sources[name]
+        cells = [ir, vi, *(fused[m][name] for m in methods)]
+        for j, img in enumerate(cells):
+            y0, x0 = header + i * th, j * tw
+            grid[y0 : y0 + th, x0 : x0 + tw] = _letterbox(img, th, tw)
+    return grid
+
+
+def _letterbox(img: np.ndarray, th: int, tw: int) -> np.ndarray:
+    import cv2
+
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    h, w = img.shape[:2]
+    scale = min(th / h, tw / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    cell = np.zeros((th, tw, 3), dtype=np.uint8)
+    y0, x0 = (th - nh) // 2, (tw - nw) // 2
+    cell[y0 : y0 + nh, x0 : x0 + nw] = small
+    return cell
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-off files and MLflow
+
+
+def read_train_info(path: str | Path) -> dict[str, Any]:
+    """Read ``models/train.json`` (``run_id``, ``model_uri``, ``checkpoint``, ...).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: not JSON, or a required key is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training summary not found: {path} (run the train stage)")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for key in ("run_id", "model_uri", "checkpoint"):
+        if not info.get(key):
+            raise ValueError(f"{path}: missing '{key}'")
+    return info
+
+
+def log_to_run(run_id: str, result: EvalResult) -> None:
+    """Log the means (``test_<method>_<metric>``) and every report file to the training run.
+
+    Logs a warning and returns when the run does not exist in the store in force.
+    """
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        log.warning("MLflow run %s not found (%s); evaluation results not logged", run_id, exc)
+        return
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(f"test_{method}_{m}", float(v), now, 0) for method, vals in result.means.items() for m, v in vals.items()
+    ]
+    for i in range(0, len(batch), 900):
+        client.log_batch(run_id, metrics=batch[i : i + 900])
+    for path in result.paths.values():
+        client.log_artifact(run_id, str(path), artifact_path="eval")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temporary file + rename), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

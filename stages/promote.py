@@ -1,0 +1,45 @@
+"""DVC stage ``promote``: register the trained model and move ``@champion`` if it passes the gate.
+
+Usage: ``python stages/promote.py --params params.yaml --train-info models/train.json
+--eval-metrics metrics/eval.json --out models/promotion.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import load_params, section
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="parameter file")
+    parser.add_argument("--train-info", required=True, help="models/train.json of the train stage")
+    parser.add_argument("--eval-metrics", required=True, help="metrics/eval.json of the evaluate stage")
+    parser.add_argument("--out", required=True, help="JSON file for the decision")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from pipeline.evaluation import read_train_info
+        from pipeline.promotion import PromoteConfig, promote, read_eval_means, write_decision
+        from pipeline.tracking import configure_mlflow
+
+        cfg = PromoteConfig.from_params(section(load_params(args.params), "promote"))
+        info = read_train_info(args.train_info)
+        means = read_eval_means(args.eval_metrics)
+        configure_mlflow()
+        decision = promote(info, means, cfg)
+        write_decision(args.out, decision)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"promote: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"promote: {cfg.model_name} version {decision.version} -> @{decision.decision}")
+    for reason in decision.reasons:
+        print(f"  {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
