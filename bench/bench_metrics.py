@@ -1,0 +1,112 @@
+"""Time the eleven fusion metrics on one 640x480 image, on one core.
+
+Prints the time of each metric (median over ``--repeats`` runs) and of ``compute_all``, and writes
+them with the machine description to ``bench/results/metrics.json``.
+
+Usage: ``python bench/bench_metrics.py [--repeats 7] [--pair PATH_IR PATH_VI PATH_FUSED]``
+(default: a synthetic 640x480 scene, so the script runs without ../shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.metrics import METRIC_FUNCTIONS, METRICS, compute_all  # noqa: E402
+
+
+def synthetic_triplet(h: int = 480, w: int = 640, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IR, visible and fused 0-255 float images with structure and noise (not flat)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    ir = 60 + 40 * np.sin(xx / 37.0) + 30 * np.cos(yy / 23.0) + rng.normal(0, 6, (h, w))
+    ir[h // 3 : h // 2, w // 4 : w // 3] += 120  # a hot object
+    vi = 100 + 0.2 * xx - 0.1 * yy + 25 * np.sign(np.sin(xx / 9.0) * np.sin(yy / 11.0)) + rng.normal(0, 4, (h, w))
+    ir, vi = (np.clip(np.round(x), 0, 255) for x in (ir, vi))
+    fused = np.clip(np.round(np.maximum(ir, vi) * 0.5 + (ir + vi) * 0.25), 0, 255)
+    return ir, vi, fused
+
+
+def time_call(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--pair", nargs=3, metavar=("IR", "VI", "FUSED"), help="score these files instead")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "metrics.json")
+    args = parser.parse_args(argv)
+
+    cv2.setNumThreads(1)  # one core, as the requirement says
+    if args.pair:
+        from pipeline.images import read_gray
+
+        a, b, f = (read_gray(p).astype(np.float64) for p in args.pair)
+        source = "files: " + ", ".join(args.pair)
+    else:
+        a, b, f = synthetic_triplet()
+        source = "synthetic 640x480"
+    per_metric = {name: time_call(lambda fn=METRIC_FUNCTIONS[name]: fn(a, b, f), args.repeats) for name in METRICS}
+    total = time_call(lambda: compute_all(a, b, f), args.repeats)
+
+    print(f"image: {source}, shape {a.shape}, median of {args.repeats} runs, 1 OpenCV thread")
+    for name in METRICS:
+        print(f"  {name:5s} {per_metric[name] * 1e3:8.1f} ms")
+    print(f"  {'sum':5s} {sum(per_metric.values()) * 1e3:8.1f} ms")
+    print(f"  compute_all {total * 1e3:8.1f} ms  ({1.0 / total:.1f} images/s)")
+
+    try:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        torch_threads = None
+    result = {
+        "benchmark": "metrics",
+        "image": source,
+        "shape": list(a.shape),
+        "repeats": args.repeats,
+        "seconds_per_metric": per_metric,
+        "seconds_compute_all": total,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "opencv_threads": cv2.getNumThreads(),
+            "torch_threads": torch_threads,
+            "numpy": np.__version__,
+            "opencv": cv2.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "device": "cpu",
+        },
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
