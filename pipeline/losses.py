@@ -257,7 +257,7 @@ def feature_loss(features: Mapping[str, Sequence[torch.Tensor]], w_ir: torch.Ten
     total = 0.0
     for fused, (i, j) in zip(fus, FUSION_PAIRS):
         size = fused.shape[-2:]
-        a, b = fir[i].detach(), fvi[j].detach()
+        a, b = fir[i].detach().float(), fvi[j].detach().float()
         if a.shape[-2:] != size:
             a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
         if b.shape[-2:] != size:
@@ -267,7 +267,7 @@ def feature_loss(features: Mapping[str, Sequence[torch.Tensor]], w_ir: torch.Ten
                 f"feature_loss: channel mismatch at a fusion point: fusion {fused.shape[1]}, "
                 f"IR {a.shape[1]}, VIS {b.shape[1]}"
             )
-        total = total + F.mse_loss(fused.float(), (wa * a + wb * b).float())
+        total = total + F.mse_loss(fused.float(), wa * a + wb * b)
     return total / len(fus)
 
 

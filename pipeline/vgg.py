@@ -63,7 +63,8 @@ class VGG16Shallow(nn.Module):
     def __init__(self, weights: str | Path | None = None, seed: int = 0) -> None:
         super().__init__()
         for name, (_, cin, cout) in LAYERS.items():
-            self.add_module(name, nn.Conv2d(cin, cout, kernel_size=3, padding=1))
+            # skip_init: no default init, so the global RNG is left untouched; filled below
+            self.add_module(name, nn.utils.skip_init(nn.Conv2d, cin, cout, kernel_size=3, padding=1))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if weights is None:
