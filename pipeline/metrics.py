@@ -541,7 +541,8 @@ def evaluate_folder(
     Files are paired by stem (``a.png`` fused with ``ir/a.jpg`` and ``vi/a.bmp``: any of
     :data:`pipeline.images.IMAGE_EXTENSIONS`). Fused images without both sources, unreadable
     files and size mismatches are not scored: each is logged as a warning and listed in
-    ``df.attrs["skipped"]`` as ``{"name", "path", "reason"}``; the others are still scored.
+    ``df.attrs["skipped"]`` as ``{"name", "path" (the fused file), "reason"}`` (``reason`` is a full
+    message that names the offending file); the others are still scored.
 
     Args:
         ir_dir, vi_dir: source folders.
@@ -574,10 +575,11 @@ def evaluate_folder(
         missing = [f"{kind} '{stem}.*' in {folder}" for kind, folder, found in
                    (("IR", ir_dir, ir), ("visible", vi_dir, vi)) if stem not in found]
         if missing:
-            skipped.append({"name": stem, "path": str(path), "reason": "no source image: missing " + " and ".join(missing)})
+            skipped.append({"name": stem, "path": str(path), "reason": f"{path}: no source image: missing " + " and ".join(missing)})
             continue
         items.append({"name": stem, "ir": str(ir[stem]), "vi": str(vi[stem]), "fused": str(path)})
 
+    log.info("scoring %d fused image(s) of %s through %s", len(items), fused_dir, "Ray Data" if parallel else "a plain loop")
     rows: list[dict[str, Any]]
     if not items:
         rows = []
@@ -604,8 +606,11 @@ def evaluate_folder(
             skipped.append({"name": row["name"], "path": by_name[row["name"]]["fused"], "reason": row["error"]})
         else:
             good.append({k: (row["name"] if k == "name" else float(row[k])) for k in ("name", *METRICS)})
-    for item in skipped:
-        log.warning("not scored: %s (%s)", item["path"], item["reason"])
+    if skipped:
+        log.warning(
+            "%d of %d fused image(s) not scored: %s",
+            len(skipped), len(fused), ", ".join(sorted(item["name"] for item in skipped)),
+        )
     df = pd.DataFrame(good, columns=["name", *METRICS])
     df.attrs["skipped"] = sorted(skipped, key=lambda s: s["name"])
     return df
