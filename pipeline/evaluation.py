@@ -197,51 +197,65 @@ def fuse_maximum(ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
 
 
 class FuseBatch:
-    """Ray Data callable class: fuses a batch of pairs with one method, model loaded once.
+    """Ray Data callable class: fuses each row with the method it names; models loaded once.
+
+    Every actor loads the networks of ``methods`` in ``__init__`` and reuses them for all the
+    batches it receives (the pixel baselines need nothing).
 
     Args:
-        method: a name of ``METHOD_ORDER``.
-        weights: checkpoint or authors' file for the network methods (``None`` for pixel ones).
-        use_gpu: run the network on CUDA.
+        methods: ``{method: weights file or None}`` (``None`` for the pixel baselines).
+        use_gpu: run the networks on CUDA.
     """
 
-    def __init__(self, method: str, weights: str | None = None, use_gpu: bool = False) -> None:
-        self.method = method
-        self.fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
-        if method == "average":
-            self.fn = fuse_average
-        elif method == "maximum":
-            self.fn = fuse_maximum
-        else:
-            if not weights:
+    def __init__(self, methods: Mapping[str, str | None], use_gpu: bool = False) -> None:
+        self.fns: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+        for method, weights in methods.items():
+            if method == "average":
+                self.fns[method] = fuse_average
+            elif method == "maximum":
+                self.fns[method] = fuse_maximum
+            elif not weights:
                 raise ValueError(f"method {method!r} needs a weights file")
-            self.fn = load_fuser(weights, use_gpu=use_gpu)
+            else:
+                self.fns[method] = load_fuser(weights, use_gpu=use_gpu)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fused = []
-        for buf_ir, buf_vi, h, w, c in zip(batch["ir"], batch["vi"], batch["h"], batch["w"], batch["c"]):
+        for method, buf_ir, buf_vi, h, w, c in zip(batch["method"], batch["ir"], batch["vi"], batch["h"], batch["w"], batch["c"]):
             ir = _unpack(buf_ir, int(h), int(w), 1)
             vi = _unpack(buf_vi, int(h), int(w), int(c))
-            out = np.ascontiguousarray(self.fn(ir, vi), dtype=np.uint8)
+            out = np.ascontiguousarray(self.fns[str(method)](ir, vi), dtype=np.uint8)
             if out.shape != vi.shape:
-                raise ValueError(f"{self.method}: fused shape {out.shape} differs from visible {vi.shape}")
+                raise ValueError(f"{method}: fused shape {out.shape} differs from visible {vi.shape}")
             fused.append(out.tobytes())
         result = dict(batch)
-        result["method"] = np.array([self.method] * len(fused), dtype=object)
         result["fused"] = np.array(fused, dtype=object)
         return result
 
 
 def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Load a network (our checkpoint or the authors' file) as ``fuser(ir_u8, vi_u8) -> fused_u8``."""
+    """Load a network (our checkpoint or the authors' file) as ``fuser(ir_u8, vi_u8) -> fused_u8``.
+
+    With ``use_gpu`` (and CUDA present) the network runs on the GPU: ``Fuser`` feeds CPU tensors,
+    a thin wrapper moves them to the device and brings the output back.
+    """
     import torch
 
     from pipeline.inference import Fuser
     from pipeline.weights import load_model
 
+    class OnDevice(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, device: torch.device) -> None:
+            super().__init__()
+            self.inner = inner.to(device)
+            self.device = device
+
+        def forward(self, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+            return self.inner(ir.to(self.device), vi.to(self.device)).cpu()
+
     model, info = load_model(weights)
     if use_gpu and torch.cuda.is_available():
-        model = model.to("cuda")
+        model = OnDevice(model, torch.device("cuda"))
     return Fuser(model, postprocess=info.get("postprocess", "clip"))
 
 
@@ -268,23 +282,31 @@ def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _run_method(rows: list[dict[str, Any]], method: str, weights: str | None, cfg: EvalConfig, use_gpu: bool) -> list[dict[str, Any]]:
+def fuse_and_score(
+    rows: list[dict[str, Any]], methods: Mapping[str, str | None], cfg: EvalConfig, use_gpu: bool
+) -> list[dict[str, Any]]:
+    """Fuse every pair with every method and score it, as one Ray Data pipeline.
+
+    ``FuseBatch`` runs in ``cfg.concurrency`` actors (one GPU each with ``use_gpu``); the metrics
+    run as parallel tasks.
+
+    Returns:
+        One row per (method, pair): the input columns, ``fused`` bytes and the metrics.
+    """
     import ray
 
-    ds = ray.data.from_items(rows)
-    kwargs: dict[str, Any] = {}
-    if use_gpu and method not in PIXEL_METHODS:
-        kwargs["num_gpus"] = 1
+    items = [{"method": method, **row} for method in methods for row in rows]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
     fused = ds.map_batches(
         FuseBatch,
-        fn_constructor_kwargs={"method": method, "weights": weights, "use_gpu": bool(kwargs)},
+        fn_constructor_kwargs={"methods": dict(methods), "use_gpu": use_gpu},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         concurrency=cfg.concurrency,
-        **kwargs,
+        **({"num_gpus": 1} if use_gpu else {}),
     )
     scored = fused.map_batches(score_batch, batch_size=cfg.batch_size, batch_format="numpy")
-    return sorted(scored.take_all(), key=lambda r: r["name"])
+    return scored.take_all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,13 +371,13 @@ def evaluate(
     out_dir = Path(out_dir)
     per_image: list[dict[str, Any]] = []
     fused_images: dict[str, dict[str, np.ndarray]] = {}
-    for method, weights in methods.items():
-        for r in _run_method(rows, method, weights, cfg, use_gpu):
-            h, w, c = int(r["h"]), int(r["w"]), int(r["c"])
-            img = _unpack(r["fused"], h, w, c)
-            write_image(out_dir / "fused" / method / f"{r['name']}.png", img)
-            fused_images.setdefault(method, {})[r["name"]] = img
-            per_image.append({"method": method, "name": r["name"], **{m: float(r[m]) for m in METRICS}})
+    order = {m: i for i, m in enumerate(methods)}
+    for r in sorted(fuse_and_score(rows, methods, cfg, use_gpu), key=lambda r: (order[r["method"]], r["name"])):
+        method, name = str(r["method"]), str(r["name"])
+        img = _unpack(r["fused"], int(r["h"]), int(r["w"]), int(r["c"]))
+        write_image(out_dir / "fused" / method / f"{name}.png", img)
+        fused_images.setdefault(method, {})[name] = img
+        per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
 
     means = mean_per_method(per_image, METRICS)
     result = EvalResult(per_image=per_image, means=means, skipped=skipped)
