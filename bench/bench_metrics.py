@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     per_metric = {name: time_call(lambda fn=METRIC_FUNCTIONS[name]: fn(a, b, f), args.repeats) for name in METRICS}
     total = time_call(lambda: compute_all(a, b, f), args.repeats)
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"image: {source}, shape {a.shape}, median of {args.repeats} runs, 1 OpenCV thread")
+    print(f"machine: {os.cpu_count()} cores, load average {load:.1f} (timings inflate when it exceeds the cores)")
     for name in METRICS:
         print(f"  {name:5s} {per_metric[name] * 1e3:8.1f} ms")
     print(f"  {'sum':5s} {sum(per_metric.values()) * 1e3:8.1f} ms")
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_compute_all": total,
         "machine": {
             "cpu_count": os.cpu_count(),
+            "load_average_1min": load,
             "opencv_threads": cv2.getNumThreads(),
             "torch_threads": torch_threads,
             "numpy": np.__version__,
