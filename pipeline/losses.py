@@ -82,11 +82,12 @@ def gaussian_kernel1d(size: int, sigma: float, *, device=None, dtype=torch.float
 
 
 def _blur_valid(x: torch.Tensor, kernel1d: torch.Tensor) -> torch.Tensor:
-    """Depthwise separable 'valid' convolution of (B, C, H, W) -> (B, C, H-k+1, W-k+1)."""
+    """Depthwise 'valid' convolution with the outer product of ``kernel1d``: (B, C, H, W) ->
+    (B, C, H-k+1, W-k+1). One 2-D depthwise conv: on CPU (oneDNN) it measured faster than two
+    1-D passes, forward and backward."""
     c = x.shape[1]
-    k = kernel1d.numel()
-    x = F.conv2d(x, kernel1d.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-    return F.conv2d(x, kernel1d.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    k2 = (kernel1d[:, None] * kernel1d[None, :]).expand(c, 1, -1, -1).contiguous()
+    return F.conv2d(x, k2, groups=c)
 
 
 def ssim_map(
@@ -160,7 +161,8 @@ def pixel_error(x: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> torch.Te
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over a ``window x window`` neighbourhood (reflect borders), same size as x."""
     p = window // 2
-    return F.avg_pool2d(F.pad(x, (p, window - 1 - p, p, window - 1 - p), mode="reflect"), window, stride=1)
+    x = F.pad(x, (p, window - 1 - p, p, window - 1 - p), mode="reflect")
+    return F.avg_pool2d(F.avg_pool2d(x, (window, 1), stride=1), (1, window), stride=1)  # separable
 
 
 def local_statistics(x: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
