@@ -341,13 +341,15 @@ def resolve_model_source(spec: str | Path) -> Path:
         The local file to pass to ``load_model``.
 
     Raises:
-        FileNotFoundError: a plain path that does not exist.
-        ValueError: a registry URI (``models:/``, ``runs:/``), which this version cannot
-            resolve yet (extension point for the MLflow model registry).
+        FileNotFoundError: a plain path that does not exist, or no MLflow store for a URI.
+        ValueError: a URI (``models:/``, ``runs:/``) that the MLflow store cannot resolve to a
+            fusion model (``pipeline.registry.fetch_checkpoint`` downloads its checkpoint).
     """
+    from pipeline.registry import fetch_checkpoint, is_mlflow_uri
+
     text = str(spec)
-    if text.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        raise ValueError(f"cannot resolve '{text}': MLflow registry model URIs are not available yet; pass --weights FILE")
+    if is_mlflow_uri(text):
+        return fetch_checkpoint(text)
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")

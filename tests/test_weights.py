@@ -218,9 +218,10 @@ def test_bad_files_fail_clearly(tmp_path):
         load_model(evil)
 
 
-def test_resolve_model_source(tmp_path, official_path):
+def test_resolve_model_source(tmp_path, official_path, monkeypatch):
     assert resolve_model_source(str(official_path)) == official_path
-    with pytest.raises(ValueError, match="not available yet"):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/absent.db")
+    with pytest.raises(FileNotFoundError, match="no MLflow store at .*absent.db"):  # resolution: tests/test_serving.py
         resolve_model_source("models:/mda-fusion@champion")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         resolve_model_source(tmp_path / "missing.pt")
