@@ -1,6 +1,7 @@
 """Time the eleven fusion metrics on one 640x480 image, on one core.
 
-Prints the time of each metric (median over ``--repeats`` runs) and of ``compute_all``, and writes
+Prints the wall-clock and CPU time of each metric (medians over ``--repeats`` runs; CPU time is the
+fairer figure on a shared, overloaded machine) and of ``compute_all``, and writes
 them with the machine description to ``bench/results/metrics.json``.
 
 Usage: ``python bench/bench_metrics.py [--repeats 7] [--pair PATH_IR PATH_VI PATH_FUSED]``
@@ -39,14 +40,16 @@ def synthetic_triplet(h: int = 480, w: int = 640, seed: int = 0) -> tuple[np.nda
     return ir, vi, fused
 
 
-def time_call(fn, repeats: int) -> float:
+def time_call(fn, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and CPU (process) seconds of ``fn()`` after one warm-up call."""
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"image: {source}, shape {a.shape}, median of {args.repeats} runs, 1 OpenCV thread")
     print(f"machine: {os.cpu_count()} cores, load average {load:.1f} (timings inflate when it exceeds the cores)")
+    print(f"  {'':11s} {'wall ms':>8s} {'CPU ms':>8s}")
     for name in METRICS:
-        print(f"  {name:5s} {per_metric[name] * 1e3:8.1f} ms")
-    print(f"  {'sum':5s} {sum(per_metric.values()) * 1e3:8.1f} ms")
-    print(f"  compute_all {total * 1e3:8.1f} ms  ({1.0 / total:.1f} images/s)")
+        print(f"  {name:11s} {per_metric[name][0] * 1e3:8.1f} {per_metric[name][1] * 1e3:8.1f}")
+    print(f"  {'sum':11s} {sum(w for w, _ in per_metric.values()) * 1e3:8.1f} {sum(c for _, c in per_metric.values()) * 1e3:8.1f}")
+    print(f"  {'compute_all':11s} {total[0] * 1e3:8.1f} {total[1] * 1e3:8.1f}  ({1.0 / total[0]:.1f} images/s wall)")
 
     try:
         import torch
@@ -87,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         "image": source,
         "shape": list(a.shape),
         "repeats": args.repeats,
-        "seconds_per_metric": per_metric,
-        "seconds_compute_all": total,
+        "seconds_per_metric": {k: w for k, (w, _) in per_metric.items()},
+        "cpu_seconds_per_metric": {k: c for k, (_, c) in per_metric.items()},
+        "seconds_compute_all": total[0],
+        "cpu_seconds_compute_all": total[1],
         "machine": {
             "cpu_count": os.cpu_count(),
             "load_average_1min": load,
