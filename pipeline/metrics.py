@@ -540,7 +540,7 @@ def evaluate_folder(
 
     Files are paired by stem (``a.png`` fused with ``ir/a.jpg`` and ``vi/a.bmp``: any of
     :data:`pipeline.images.IMAGE_EXTENSIONS`). Fused images without both sources, unreadable
-    files and size mismatches are not scored: each is logged as a warning and listed in
+    files and size mismatches are not scored: one warning names them all, and each is listed in
     ``df.attrs["skipped"]`` as ``{"name", "path" (the fused file), "reason"}`` (``reason`` is a full
     message that names the offending file); the others are still scored.
 
@@ -575,11 +575,13 @@ def evaluate_folder(
         missing = [f"{kind} '{stem}.*' in {folder}" for kind, folder, found in
                    (("IR", ir_dir, ir), ("visible", vi_dir, vi)) if stem not in found]
         if missing:
-            skipped.append({"name": stem, "path": str(path), "reason": f"{path}: no source image: missing " + " and ".join(missing)})
+            reason = f"{path}: no source image: missing " + " and ".join(missing)
+            skipped.append({"name": stem, "path": str(path), "reason": reason})
             continue
         items.append({"name": stem, "ir": str(ir[stem]), "vi": str(vi[stem]), "fused": str(path)})
 
-    log.info("scoring %d fused image(s) of %s through %s", len(items), fused_dir, "Ray Data" if parallel else "a plain loop")
+    how = "Ray Data" if parallel else "a plain loop"
+    log.info("scoring %d fused image(s) of %s through %s", len(items), fused_dir, how)
     rows: list[dict[str, Any]]
     if not items:
         rows = []
