@@ -130,7 +130,7 @@ class ResidualDown(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, C, H/stride, W/stride)."""
-        return self.body(x) + self.skip(x)
+        return self.body(x).add_(self.skip(x))  # in place on a conv output: autograd-safe
 
 
 class ResidualUp(nn.Module):
@@ -150,7 +150,7 @@ class ResidualUp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, out_channels, 2H, 2W)."""
-        return self.body(x) + self.skip(x)
+        return self.body(x).add_(self.skip(x))
 
 
 class ChannelAttention(nn.Module):
@@ -164,7 +164,8 @@ class ChannelAttention(nn.Module):
     def __init__(self, width: int, reduction: int, cross_scale: bool) -> None:
         super().__init__()
         self.upsample = nn.Sequential(_up3(width, width), nn.PReLU()) if cross_scale else None
-        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv1(width, width // reduction), nn.PReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.squeeze = nn.Sequential(_conv1(width, width // reduction), nn.PReLU())
         self.excite_ir = nn.Sequential(_conv1(width // reduction, width), nn.Sigmoid())
         self.excite_vi = nn.Sequential(_conv1(width // reduction, width), nn.Sigmoid())
 
@@ -172,7 +173,7 @@ class ChannelAttention(nn.Module):
         """ir (N, C, h, w) (h = H/2 if cross-scale), vi (N, C, H, W) -> two (N, C, 1, 1) in (0, 1)."""
         if self.upsample is not None:
             ir = self.upsample(ir)
-        z = self.squeeze(ir + vi)
+        z = self.squeeze(self.pool(ir) + self.pool(vi))  # = GAP(ir + vi), without the full-size sum
         return self.excite_ir(z), self.excite_vi(z)
 
 
@@ -230,7 +231,10 @@ class DualAttentionFusion(nn.Module):
         """ir (N, C, h, w), vi (N, C, H, W) -> fused (N, C, H, W)."""
         w_ir, w_vi, m_ir, m_vi = self.attention(ir, vi)
         ir_up = self.upsample(ir) if self.upsample is not None else ir
-        return ir_up * w_ir * m_ir + vi * w_vi * m_vi
+        if torch.is_grad_enabled():
+            return ir_up * w_ir * m_ir + vi * w_vi * m_vi
+        # no autograd: reuse the attention maps' memory (saves four full-size allocations)
+        return m_ir.mul_(w_ir).mul_(ir_up).add_(m_vi.mul_(w_vi).mul_(vi))
 
 
 @register_model("mda")

@@ -40,8 +40,7 @@ DEFAULT_POSTPROCESS = {"official": "minmax", "checkpoint": "clip"}
 
 #: Authors' key prefix -> our key prefix (longest match wins). Sequential indices inside the
 #: residual blocks keep their positions (body = authors' ``res``, skip = authors' ``down_conv`` /
-#: ``up_conv``); in the attention modules the authors' ``channel_down.0/1`` follow our
-#: ``AdaptiveAvgPool2d`` at index 0 of ``squeeze``.
+#: ``up_conv``).
 OFFICIAL_PREFIX_MAP: tuple[tuple[str, str], ...] = (
     ("input.", "stem."),
     ("downsample_1x.res.", "enc1.body."),
@@ -58,8 +57,8 @@ OFFICIAL_PREFIX_MAP: tuple[tuple[str, str], ...] = (
     ("upsample_4x.0.up_conv.", "dec4.0.skip."),
     ("upsample_4x.1.res.", "dec4.1.body."),
     ("upsample_4x.1.up_conv.", "dec4.1.skip."),
-    ("fusion_1x.channel_map.channel_down.0.", "fuse_same.channel.squeeze.1."),
-    ("fusion_1x.channel_map.channel_down.1.", "fuse_same.channel.squeeze.2."),
+    ("fusion_1x.channel_map.channel_down.0.", "fuse_same.channel.squeeze.0."),
+    ("fusion_1x.channel_map.channel_down.1.", "fuse_same.channel.squeeze.1."),
     ("fusion_1x.channel_map.channel_up1.0.", "fuse_same.channel.excite_ir.0."),
     ("fusion_1x.channel_map.channel_up2.0.", "fuse_same.channel.excite_vi.0."),
     ("fusion_1x.spatial_map.conv_fusion.", "fuse_same.spatial.mix."),
@@ -68,8 +67,8 @@ OFFICIAL_PREFIX_MAP: tuple[tuple[str, str], ...] = (
     ("fusion_1x.spatial_map.up2.0.", "fuse_same.spatial.map_vi.0."),
     ("fusion_2x.up.", "fuse_cross.upsample."),
     ("fusion_2x.channel_map.up.", "fuse_cross.channel.upsample."),
-    ("fusion_2x.channel_map.channel_down.0.", "fuse_cross.channel.squeeze.1."),
-    ("fusion_2x.channel_map.channel_down.1.", "fuse_cross.channel.squeeze.2."),
+    ("fusion_2x.channel_map.channel_down.0.", "fuse_cross.channel.squeeze.0."),
+    ("fusion_2x.channel_map.channel_down.1.", "fuse_cross.channel.squeeze.1."),
     ("fusion_2x.channel_map.channel_up1.0.", "fuse_cross.channel.excite_ir.0."),
     ("fusion_2x.channel_map.channel_up2.0.", "fuse_cross.channel.excite_vi.0."),
     ("fusion_2x.spatial_map.trans_conv.", "fuse_cross.spatial.upsample."),

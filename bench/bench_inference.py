@@ -1,0 +1,170 @@
+"""CPU inference speed of the MDA network against the machine's practical ceiling.
+
+For a 640x480 pair (MSRS) and the largest TNO pair (945x709, padded to 952x712), prints and writes
+to ``bench/results/inference.json``:
+
+- parameter count, GFLOPs of one fused forward (``torch.utils.flop_counter.FlopCounterMode``,
+  2 FLOPs per multiply-add, counted on the padded input);
+- milliseconds per forward (best of ``--repeats`` after a warm-up) of the plain eager fp32 path
+  (NCHW, ``torch.no_grad``) and of our tuned path (``pipeline.inference.Fuser``: inference mode,
+  channels-last, padding and cropping included), optionally also ``torch.compile`` (``--compile``);
+- achieved GFLOP/s and its ratio to the GFLOP/s of a 2048x2048 fp32 matmul measured in the same
+  run (the practical ceiling of this machine), and the largest difference between the outputs of
+  the eager and tuned paths (must be <= 1e-4).
+
+Usage: ``python bench/bench_inference.py [--repeats 3] [--threads N] [--compile] [--synthetic]``
+(``--synthetic`` uses random images of the same sizes when ../shared is absent; the authors'
+weights are used when present, else a seeded random initialisation: speed does not depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.images import read_ir, read_visible, split_luma  # noqa: E402
+from pipeline.inference import Fuser, available_cores, pad_to_multiple, set_threads  # noqa: E402
+from pipeline.network import build_model  # noqa: E402
+from pipeline.weights import load_model  # noqa: E402
+
+SHARED = Path(os.environ.get("MDA_SHARED", ROOT.parent / "shared"))
+PAIRS = {
+    "msrs_640x480": ("MSRS", "00001D.png", (480, 640)),
+    "tno_largest_945x709": ("TNO", "09.png", (709, 945)),
+}
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time in seconds over ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_ceiling(repeats: int = 5, n: int = 2048) -> float:
+    """GFLOP/s of an n x n fp32 matmul (best of ``repeats``)."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
+
+
+def load_pair(name: str, synthetic: bool) -> tuple[np.ndarray, np.ndarray]:
+    dataset, file, size = PAIRS[name]
+    root = SHARED / "data" / dataset
+    if synthetic or not (root / "ir" / file).is_file():
+        rng = np.random.default_rng(0)
+        return rng.integers(0, 256, size, np.uint8), rng.integers(0, 256, size, np.uint8)
+    ir = read_ir(root / "ir" / file)
+    y, _ = split_luma(read_visible(root / "vi" / file))
+    return ir, y
+
+
+def machine_info() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores_available": available_cores(), "os_cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
+        "mkldnn": torch.backends.mkldnn.is_available(), "python": platform.python_version(),
+        "load_average_1_5_15": list(os.getloadavg()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="default: one per available core")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the tuned path")
+    parser.add_argument("--synthetic", action="store_true", help="random images instead of ../shared")
+    parser.add_argument("--only", choices=sorted(PAIRS), help="one pair only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "inference.json")
+    args = parser.parse_args(argv)
+
+    set_threads(args.threads)
+    weights = SHARED / "models" / "mda_official" / "fusion_model.pth"
+    if weights.is_file():
+        plain, _ = load_model(weights)
+        source = str(weights)
+    else:
+        torch.manual_seed(0)
+        plain, source = build_model("mda").eval(), "random init (seed 0)"
+    params = sum(p.numel() for p in plain.parameters())
+    tuned = Fuser(build_model("mda").eval(), postprocess="clip")
+    tuned.model.load_state_dict(plain.state_dict())
+
+    info = machine_info()
+    ceiling = matmul_ceiling()
+    print(f"machine: {info['cpu']}, {info['cores_available']} cores, torch threads {info['torch_threads']}, "
+          f"load {info['load_average_1_5_15']}")
+    print(f"ceiling: 2048x2048 fp32 matmul {ceiling:.1f} GFLOP/s; model {params:,} parameters ({source})")
+    results: dict[str, object] = {}
+    for name in ([args.only] if args.only else PAIRS):
+        ir_u8, y_u8 = load_pair(name, args.synthetic)
+        ir = torch.from_numpy(ir_u8).float()[None, None] / 255
+        vi = torch.from_numpy(y_u8).float()[None, None] / 255
+        ir_p, vi_p = pad_to_multiple(ir), pad_to_multiple(vi)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            plain(ir_p, vi_p)
+        gflop = counter.get_total_flops() / 1e9
+
+        def eager() -> torch.Tensor:
+            with torch.no_grad():
+                return plain(ir_p, vi_p)[..., : ir.shape[-2], : ir.shape[-1]]
+
+        variants: dict[str, Callable[[], torch.Tensor]] = {"eager_fp32": eager, "tuned": lambda: tuned.fuse_tensor(ir, vi)}
+        if args.compile:
+            compiled = Fuser(torch.compile(tuned.model), postprocess="clip")
+            t0 = time.perf_counter()
+            compiled.fuse_tensor(ir, vi)
+            print(f"  torch.compile warm-up: {time.perf_counter() - t0:.1f} s")
+            variants["tuned_compiled"] = lambda: compiled.fuse_tensor(ir, vi)
+        ref = eager()
+        row: dict[str, object] = {"size_hw": list(ir.shape[-2:]), "padded_hw": list(ir_p.shape[-2:]),
+                                  "gflop": round(gflop, 2)}
+        print(f"{name}: {tuple(ir.shape[-2:])} padded {tuple(ir_p.shape[-2:])}, {gflop:.1f} GFLOP")
+        for label, fn in variants.items():
+            seconds = best_time(fn, args.repeats)
+            diff = float((fn() - ref).abs().max())
+            rate = gflop / seconds
+            row[label] = {"ms": round(seconds * 1e3, 1), "gflops_per_s": round(rate, 1),
+                          "ratio_to_ceiling": round(rate / ceiling, 3), "max_abs_diff_vs_eager": diff}
+            print(f"  {label:15s} {seconds * 1e3:8.0f} ms  {rate:6.1f} GFLOP/s  "
+                  f"{rate / ceiling:5.2f} of ceiling  max|diff| {diff:.1e}")
+            if diff > 1e-4:
+                print(f"  WARNING: {label} differs from eager by {diff:.1e} > 1e-4")
+        results[name] = row
+    info["load_average_after"] = list(os.getloadavg())
+    report = {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
+              "ceiling_matmul_2048_gflops_per_s": round(ceiling, 1), "parameters": params,
+              "weights": source, "repeats": args.repeats, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
