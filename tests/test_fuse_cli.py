@@ -88,7 +88,7 @@ def test_fuse_usage_errors(tmp_path, capsys):
     assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png")]) == 1
     assert "no model given" in capsys.readouterr().err
     assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png"), "--model", "models:/mda@champion"]) == 1
-    assert "not available yet" in capsys.readouterr().err
+    assert "cannot resolve 'models:/mda@champion'" in capsys.readouterr().err
     assert main(["fuse", str(a), "-o", str(tmp_path / "o.png"), "--weights", str(a)]) == 1
     assert "two files" in capsys.readouterr().err
     assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png"), "--weights", str(a)]) == 1
