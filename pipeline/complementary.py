@@ -25,11 +25,13 @@ flat gets weights near 0/1. Patches and whole images have separate scales (``nor
 ``{"patch": {"scales", "count"}, "image": {...}, "temperature", "intensity_terms", "detail_terms",
 "log_sigma", "method"}``). A scale below 1e-6 (modalities identical for that statistic) is
 replaced by 1 with a warning. The median is computed in a streaming way from a log-spaced histogram
-(100 bins per decade, ~1 % precision) aggregated over Ray Data batches: the driver never holds a
-per-patch array.
+(100 bins per decade, ~1 % precision) accumulated over Parquet record batches of the statistic
+columns: the driver never holds a per-patch array.
 
 The ``stats`` step (``compute_stats``) runs two passes of Ray Data over the patches: pass 1 adds
-the statistics and aggregates the histograms into the scales; pass 2 maps the weights. It writes
+the statistics (staged as Parquet), whose ``|IR - VIS|`` histograms are then accumulated into the
+scales by streaming only the few statistic columns; pass 2 maps the weights. Whole images are one
+more Ray Data map over the pairs. It writes
 
 - ``<out>/patches/part-NNNNN.parquet``: the patch columns (``pipeline.patches.PATCH_SCHEMA``) +
   ``{ir,vi}_{entropy,std,grad_energy,avg_grad}`` (float64) + ``w_int_ir, w_int_vi, w_det_ir,
@@ -402,26 +404,33 @@ def summarise_weights(moments: np.ndarray, hist: np.ndarray) -> dict[str, float]
 # ----------------------------------------------------------------------------- the stats step
 
 
-def _scales_from_dataset(ds: Any, names: Sequence[str], split: str | None) -> tuple[dict[str, float], int]:
+def iter_column_batches(files: Sequence[str | Path], columns: Sequence[str]) -> Any:
+    """Stream some columns of Parquet files, one record batch at a time (dicts of numpy arrays)."""
+    for path in files:
+        with pq.ParquetFile(path) as pf:
+            for rb in pf.iter_batches(batch_size=65536, columns=list(columns)):
+                yield {name: rb.column(name).to_numpy(zero_copy_only=False) for name in columns}
+
+
+def _scales_from_files(files: Sequence[str | Path], names: Sequence[str], split: str | None) -> tuple[dict[str, float], int]:
     totals = {name: np.zeros(len(DIFF_EDGES) - 1, np.int64) for name in names}
-    hist_ds = ds.map_batches(
-        diff_histogram_batch, batch_size=None, batch_format="numpy", fn_kwargs={"names": list(names), "only_split": split}
-    )
-    for row in hist_ds.iter_batches(batch_size=None, batch_format="numpy"):
+    columns = ["split", *(f"{m}_{k}" for m in MODALITIES for k in names)]
+    for batch in iter_column_batches(files, columns):
+        hists = diff_histogram_batch(batch, names, split)
         for name in names:
-            totals[name] += np.asarray(row[name]).sum(axis=0)
+            totals[name] += hists[name][0]
     count = int(totals[names[0]].sum())
     return scales_from_histograms(totals), count
 
 
-def _weight_metrics(ds: Any, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _weight_metrics(batches: Any, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     moments = {n: np.zeros(3) for n in names}
     hists = {n: np.zeros(len(WEIGHT_EDGES) - 1, np.int64) for n in names}
-    summary_ds = ds.map_batches(weight_summary_batch, batch_size=None, batch_format="numpy", fn_kwargs={"names": list(names)})
-    for row in summary_ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
+        row = weight_summary_batch(batch, names)
         for n in names:
-            moments[n] += np.asarray(row[f"{n}__moments"]).sum(axis=0)
-            hists[n] += np.asarray(row[f"{n}__hist"]).sum(axis=0)
+            moments[n] += row[f"{n}__moments"][0]
+            hists[n] += row[f"{n}__hist"][0]
     return {n: summarise_weights(moments[n], hists[n]) for n in names}, hists
 
 
@@ -514,12 +523,11 @@ def compute_stats(
          .map_batches(add_patch_stats, batch_size=None, batch_format="pyarrow", fn_kwargs={"log_sigma": cfg.log_sigma})
          .write_parquet(str(stage1), filename_provider=part_filename_provider(), mode=overwrite_mode()))
         staged = [str(p) for p in sorted(stage1.glob("part-*.parquet"))]
-        stat_ds = ray.data.read_parquet(staged, columns=["split", *stat_columns()])
         only = None if cfg.scale_split == "all" else cfg.scale_split
-        scales, count = _scales_from_dataset(stat_ds, cfg.terms, only)
+        scales, count = _scales_from_files(staged, cfg.terms, only)
         if count == 0 and only is not None:
             log.warning("stats: no '%s' patch; the scales use every split", only)
-            scales, count = _scales_from_dataset(stat_ds, cfg.terms, None)
+            scales, count = _scales_from_files(staged, cfg.terms, None)
         norm = cfg.normalisation(scales)
 
         # Pass 2: weights of every patch (+ the weights of its whole image).
@@ -544,9 +552,9 @@ def compute_stats(
         write_json(tmp / "normalisation.json", normalisation)
 
         watched = ["w_int_ir", "w_det_ir"]
-        patch_ds = ray.data.read_parquet(str(tmp / "patches"), columns=watched)
-        patch_metrics, patch_hists = _weight_metrics(patch_ds, watched)
-        img_metrics, img_hists = _weight_metrics(ray.data.from_arrow(image_table.select(watched)), watched)
+        final = sorted((tmp / "patches").glob("part-*.parquet"))
+        patch_metrics, patch_hists = _weight_metrics(iter_column_batches(final, watched), watched)
+        img_metrics, img_hists = _weight_metrics([{n: image_table.column(n).to_numpy() for n in watched}], watched)
         metrics = {
             "patch": {"count": int(patch_hists[watched[0]].sum()), **patch_metrics},
             "image": {"count": image_table.num_rows, **img_metrics},
