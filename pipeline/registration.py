@@ -316,9 +316,12 @@ def _ecc_value(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _short_cv_error(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    msg = [line for line in text if "error:" in line or line.startswith(">")]
-    return (msg[-1] if msg else (text[-1] if text else type(exc).__name__)).strip("> ").strip()
+    """``cv2.error`` text without OpenCV's source path: ``"(-7:Iterations do not converge) ..."``."""
+    import re
+
+    text = " ".join(str(exc).split())
+    m = re.search(r"error: (\(.*?\) .*?)(?: in function .*)?$", text)
+    return m.group(1) if m else text
 
 
 # --------------------------------------------------------------------------------------------------
