@@ -1,0 +1,221 @@
+"""Training throughput: a plain PyTorch loop vs Ray Train with 1 and 2 workers, same Parquet data.
+
+Measures steady-state patches/s (after warm-up steps, start-up excluded) for
+
+- ``plain``: one process, all cores as torch threads, batches decoded from the Parquet patch table
+  with ``pipeline.train_data.decode_patches``;
+- ``ray1``: Ray Train, 1 worker (all cores as torch threads), data through Ray Data
+  (``get_dataset_shard`` + ``iter_torch_batches`` + ``PatchCollate``);
+- ``ray2``: Ray Train, 2 workers (DDP over gloo; cores split between them);
+
+with the same model (``model:`` of params.yaml), loss, optimiser and ``train_step`` as the
+``train`` stage; plus the fixed start-up time of a Ray Train run (``fit()`` called -> first step).
+Prints the figures and the ratios to the plain loop, writes ``bench/results/train.json``.
+
+Usage: ``python bench/bench_train.py [--patches data/stats/patches] [--steps 10] [--warmup 3]``
+(without the patch table it generates a synthetic one of 64x64 patches in a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def synthetic_patches(folder: Path, n: int = 512, size: int = 64, seed: int = 0) -> Path:
+    """Write a patch table with the stats stage's columns (smooth random textures)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    rows = {k: [] for k in ("pair_id", "split", "y", "x", "size", "ir", "vi", "w_int_ir", "w_int_vi", "w_det_ir", "w_det_vi")}
+    for i in range(n):
+        f1, f2 = rng.uniform(2, 9, 2)
+        vi = 120 + 80 * np.sin(xx / f1) * np.cos(yy / f2) + rng.normal(0, 8, (size, size))
+        ir = 50 + 150 * np.exp(-((xx - rng.uniform(0, size)) ** 2 + (yy - rng.uniform(0, size)) ** 2) / 80)
+        a, b = rng.uniform(0.2, 0.8, 2)
+        for k, v in (("pair_id", f"s{i // 16:03d}"), ("split", "train"), ("y", 0), ("x", 0), ("size", size),
+                     ("ir", np.clip(ir, 0, 255).astype(np.uint8).tobytes()),
+                     ("vi", np.clip(vi, 0, 255).astype(np.uint8).tobytes()),
+                     ("w_int_ir", a), ("w_int_vi", 1 - a), ("w_det_ir", b), ("w_det_vi", 1 - b)):
+            rows[k].append(v)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table(rows).cast(pa.schema([
+        ("pair_id", pa.string()), ("split", pa.string()), ("y", pa.int32()), ("x", pa.int32()), ("size", pa.int32()),
+        ("ir", pa.binary()), ("vi", pa.binary()), ("w_int_ir", pa.float64()), ("w_int_vi", pa.float64()),
+        ("w_det_ir", pa.float64()), ("w_det_vi", pa.float64())]))
+    pq.write_table(table, folder / "part-0000.parquet")
+    return folder
+
+
+def _setup(cfg: dict):
+    import torch
+
+    from pipeline.losses import FusionLoss
+    from pipeline.network import build_model
+    from pipeline.training import TrainSettings, build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg["model_name"], **cfg["model_args"])
+    loss_fn = FusionLoss.from_params(cfg["loss"])
+    settings = TrainSettings(batch_size=cfg["batch_size"], warmup_steps=0)
+    return model, loss_fn, build_optimizer(model, settings)
+
+
+def plain(cfg: dict) -> dict:
+    """Single-process loop over batches decoded from the Parquet table."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.train_data import PATCH_COLUMNS, decode_patches
+    from pipeline.training import train_step
+
+    torch.set_num_threads(cfg["threads"])
+    t_start = time.perf_counter()
+    table = pq.read_table(cfg["patches"], columns=list(PATCH_COLUMNS) + ["split"])
+    table = table.filter(table["split"] == "train").select(list(PATCH_COLUMNS))
+    model, loss_fn, opt = _setup(cfg)
+    b, total = cfg["batch_size"], cfg["warmup"] + cfg["steps"]
+    startup = time.perf_counter() - t_start
+    t0 = None
+    for i in range(total):
+        if i == cfg["warmup"]:
+            t0 = time.perf_counter()
+        lo = (i * b) % max(1, table.num_rows - b)
+        batch = decode_patches(table.slice(lo, b).to_pydict() | {})  # decode in the loop, like the workers
+        train_step(model, {k: torch.from_numpy(v) for k, v in batch.items()}, loss_fn, opt, grad_clip=1.0)
+    dt = time.perf_counter() - t0
+    return {"patches_per_s": cfg["steps"] * b / dt, "step_s": dt / cfg["steps"], "startup_s": startup}
+
+
+def _ray_loop(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipeline.train_data import PatchCollate
+    from pipeline.training import train_step
+
+    ctx = ray.train.get_context()
+    world = ctx.get_world_size()
+    t_first = time.time()
+    torch.set_num_threads(cfg["threads"])
+    model, loss_fn, opt = _setup(cfg)
+    model = ray.train.torch.prepare_model(model)
+    shard = ray.train.get_dataset_shard("train")
+    total = cfg["warmup"] + cfg["steps"]
+    i, t0 = 0, None
+    while i < total:
+        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=PatchCollate("cpu"),
+                                              drop_last=True):
+            if i == 0:
+                t_first = time.time()
+            if i == cfg["warmup"]:
+                t0 = time.perf_counter()
+            train_step(model, batch, loss_fn, opt, grad_clip=1.0)
+            i += 1
+            if i >= total:
+                break
+    dt = time.perf_counter() - t0
+    ray.train.report({"patches_per_s": cfg["steps"] * cfg["batch_size"] * world / dt,
+                      "step_s": dt / cfg["steps"], "first_step_at": t_first})
+
+
+def ray_train(cfg: dict, workers: int, cpus: float, threads: int) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train_data import train_dataset
+
+    ds = train_dataset(cfg["patches"]).materialize()
+    storage = tempfile.mkdtemp(prefix="bench_train_")
+    trainer = TorchTrainer(
+        _ray_loop, train_loop_config=dict(cfg, threads=threads), datasets={"train": ds},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"bench{workers}", storage_path=storage),
+    )
+    t_fit = time.time()
+    result = trainer.fit()
+    fit_s = time.time() - t_fit
+    if result.error:
+        raise result.error
+    m = result.metrics
+    return {"patches_per_s": m["patches_per_s"], "step_s": m["step_s"], "startup_s": m["first_step_at"] - t_fit,
+            "fit_s": fit_s, "workers": workers, "cpus_per_worker": cpus, "threads_per_worker": threads}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", default=str(REPO / "data" / "stats" / "patches"))
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8, help="patches per worker per step")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from pipeline.config import load_params, section
+    from pipeline.network import model_config
+
+    params = load_params(args.params)
+    patches = Path(args.patches)
+    source = str(patches)
+    if not list(patches.glob("*.parquet")):
+        patches = synthetic_patches(Path(tempfile.mkdtemp(prefix="bench_patches_")))
+        source = "synthetic 64x64 (no data/stats/patches: run `dvc repro stats` for the real table)"
+    name, margs = model_config(section(params, "model"))
+    cores = os.cpu_count() or 1
+    cfg = {"patches": str(patches), "model_name": name, "model_args": margs, "loss": section(params, "loss"),
+           "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "threads": cores}
+    load_before = os.getloadavg()
+    res = {"plain": plain(cfg)}
+    print(f"plain loop   : {res['plain']['patches_per_s']:7.2f} patches/s ({cores} threads)", flush=True)
+    ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        res["ray1"] = ray_train(cfg, 1, 1.0, cores)
+        print(f"Ray Train x1 : {res['ray1']['patches_per_s']:7.2f} patches/s, start-up {res['ray1']['startup_s']:.1f} s", flush=True)
+        res["ray2"] = ray_train(cfg, 2, max(0.25, (cores - 1) / 2), max(1, cores // 2))
+        print(f"Ray Train x2 : {res['ray2']['patches_per_s']:7.2f} patches/s, start-up {res['ray2']['startup_s']:.1f} s", flush=True)
+    finally:
+        ray.shutdown()
+    base = res["plain"]["patches_per_s"]
+    ratios = {k: res[k]["patches_per_s"] / base for k in ("ray1", "ray2")}
+    overhead = 1.0 - ratios["ray1"]
+    print(f"ratio Ray x1 / plain: {ratios['ray1']:.3f} (overhead {overhead * 100:.1f}%; goal <= 10%)")
+    print(f"ratio Ray x2 / plain: {ratios['ray2']:.3f}")
+    report = {
+        "results": res, "ratios_to_plain": ratios, "ray1_overhead": overhead,
+        "data": source, "model": {"name": name, "args": margs}, "batch_size_per_worker": args.batch_size,
+        "steps": args.steps, "warmup": args.warmup,
+        "machine": {"cores": cores, "torch_threads_plain": cores, "torch": torch.__version__, "ray": ray.__version__,
+                    "python": platform.python_version(), "device": "cpu",
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
