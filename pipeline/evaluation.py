@@ -167,7 +167,7 @@ def _pack(name: str, ir: np.ndarray, vi: np.ndarray) -> dict[str, Any]:
 
 
 def _unpack(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
-    img = np.frombuffer(buf, dtype=np.uint8)
+    img = np.frombuffer(buf, dtype=np.uint8).copy()  # writable: torch.from_numpy warns on read-only memory
     return img.reshape((h, w) if c == 1 else (h, w, c))
 
 
@@ -200,14 +200,17 @@ class FuseBatch:
     """Ray Data callable class: fuses each row with the method it names; models loaded once.
 
     Every actor loads the networks of ``methods`` in ``__init__`` and reuses them for all the
-    batches it receives (the pixel baselines need nothing).
+    batches it receives (the pixel baselines need nothing). The weights travel as bytes with the
+    actor's arguments, so the actors also work on the other nodes of a cluster without a shared
+    filesystem.
 
     Args:
-        methods: ``{method: weights file or None}`` (``None`` for the pixel baselines).
+        methods: ``{method: (weights file name, weights bytes) or None}`` (``None`` for the pixel
+            baselines); see ``ship_weights``.
         use_gpu: run the networks on CUDA.
     """
 
-    def __init__(self, methods: Mapping[str, str | None], use_gpu: bool = False) -> None:
+    def __init__(self, methods: Mapping[str, tuple[str, bytes] | None], use_gpu: bool = False) -> None:
         self.fns: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
         for method, weights in methods.items():
             if method == "average":
@@ -217,7 +220,14 @@ class FuseBatch:
             elif not weights:
                 raise ValueError(f"method {method!r} needs a weights file")
             else:
-                self.fns[method] = load_fuser(weights, use_gpu=use_gpu)
+                name, data = weights
+                with tempfile.TemporaryDirectory(prefix="mda-eval-") as tmp:
+                    local = Path(tmp) / Path(name).name
+                    local.write_bytes(data)
+                    try:
+                        self.fns[method] = load_fuser(local, use_gpu=use_gpu)
+                    except ValueError as exc:  # name the user's file, not the temporary copy
+                        raise ValueError(str(exc).replace(str(local), name)) from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fused = []
@@ -231,6 +241,11 @@ class FuseBatch:
         result = dict(batch)
         result["fused"] = np.array(fused, dtype=object)
         return result
+
+
+def ship_weights(methods: Mapping[str, str | None]) -> dict[str, tuple[str, bytes] | None]:
+    """Read the weights files of ``methods`` (``{method: path or None}``) for ``FuseBatch``."""
+    return {m: (str(path), Path(path).read_bytes()) if path else None for m, path in methods.items()}
 
 
 def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -299,7 +314,7 @@ def fuse_and_score(
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
     fused = ds.map_batches(
         FuseBatch,
-        fn_constructor_kwargs={"methods": dict(methods), "use_gpu": use_gpu},
+        fn_constructor_kwargs={"methods": ship_weights(methods), "use_gpu": use_gpu},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         concurrency=cfg.concurrency,
@@ -363,8 +378,12 @@ def evaluate(
 
     from pipeline.metrics import METRICS
 
+    from pipeline.weights import load_model
+
     methods, skipped = resolve_methods(checkpoint, cfg.official_weights)
     rows = load_test_pairs(registered_dir, split_path, cfg.max_pairs)
+    for path in filter(None, methods.values()):
+        load_model(path)  # fail here, naming the file, rather than inside a Ray actor
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     log.info("evaluating %d test pairs with %s (GPU: %s)", len(rows), ", ".join(methods), use_gpu)
 

@@ -130,13 +130,18 @@ def test_official_baseline_scored_when_present(tiny_project, ray_local):
 
 
 def test_bad_inputs_are_clear_errors(tiny_project):
-    from pipeline.evaluation import load_test_pairs, read_train_info
+    from pipeline.evaluation import evaluate, load_test_pairs, read_train_info
 
     root = tiny_project
     with pytest.raises(FileNotFoundError, match="trained checkpoint not found: .*nope.pt"):
         resolve_methods(root / "nope.pt", None)
     methods, skipped = resolve_methods(root / "best.pt", None)
     assert list(methods) == ["average", "maximum", "ours"] and "null" in skipped["official"]
+    (root / "garbage.pth").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match="garbage.pth: not a readable PyTorch weights file"):
+        evaluate(root / "best.pt", root / "registered", root / "split.json", root / "eval", root / "m.json",
+                 EvalConfig(official_weights=str(root / "garbage.pth")))
+    assert not (root / "eval").exists() and not (root / "m.json").exists()
     (root / "split.json").write_text(json.dumps({"test": ["p1", "zz"]}))
     with pytest.raises(FileNotFoundError, match=r"no registered IR/visible images for test pairs \['zz'\]"):
         load_test_pairs(root / "registered", root / "split.json")
