@@ -97,6 +97,9 @@ class Fuser:
         channels_last: run the convolutions in channels-last layout (faster on CPU; same result
             within float rounding).
 
+    The model is put in eval mode (and converted to channels-last) in place. ``info`` holds the
+    description returned by ``load_model`` when built with ``from_file`` (else ``{}``).
+
     Example:
         >>> model, info = load_model("fusion_model.pth")
         >>> fuser = Fuser(model, postprocess=info["postprocess"])
@@ -108,6 +111,7 @@ class Fuser:
             raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}")
         self.postprocess = postprocess
         self.channels_last = channels_last
+        self.info: dict[str, Any] = {}
         self.model = model.eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

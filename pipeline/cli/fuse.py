@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         except ImageError as exc:
             failures.append((exc.path, exc.reason))
             tqdm.write(f"mda fuse: skipped {exc.path}: {exc.reason}", file=sys.stderr)
+        except OSError as exc:  # e.g. the output folder is not writable
+            failures.append((str(out_path), exc.strerror or str(exc)))
+            tqdm.write(f"mda fuse: cannot write {out_path}: {exc}", file=sys.stderr)
     print(f"mda fuse: {done} fused, {len(failures)} failed -> {args.out}", file=sys.stderr)
     if failures:
         print("mda fuse: failed: " + ", ".join(path for path, _ in failures), file=sys.stderr)
