@@ -26,7 +26,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -230,17 +230,21 @@ class FuseBatch:
                         raise ValueError(str(exc).replace(str(local), name)) from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fused = []
-        for method, buf_ir, buf_vi, h, w, c in zip(batch["method"], batch["ir"], batch["vi"], batch["h"], batch["w"], batch["c"]):
-            ir = _unpack(buf_ir, int(h), int(w), 1)
-            vi = _unpack(buf_vi, int(h), int(w), int(c))
-            out = np.ascontiguousarray(self.fns[str(method)](ir, vi), dtype=np.uint8)
-            if out.shape != vi.shape:
-                raise ValueError(f"{method}: fused shape {out.shape} differs from visible {vi.shape}")
-            fused.append(out.tobytes())
-        result = dict(batch)
-        result["fused"] = np.array(fused, dtype=object)
-        return result
+        """One output row per (input pair, method): the pair's columns plus ``method``, ``fused``."""
+        out: dict[str, list[Any]] = {k: [] for k in (*batch, "method", "fused")}
+        for i in range(len(batch["name"])):
+            h, w, c = int(batch["h"][i]), int(batch["w"][i]), int(batch["c"][i])
+            ir = _unpack(batch["ir"][i], h, w, 1)
+            vi = _unpack(batch["vi"][i], h, w, c)
+            for method, fn in self.fns.items():
+                fused = np.ascontiguousarray(fn(ir, vi), dtype=np.uint8)
+                if fused.shape != vi.shape:
+                    raise ValueError(f"{method}: fused shape {fused.shape} differs from visible {vi.shape}")
+                for key in batch:
+                    out[key].append(batch[key][i])
+                out["method"].append(method)
+                out["fused"].append(fused.tobytes())
+        return {k: np.array(v, dtype=object) if k in ("ir", "vi", "fused") else np.array(v) for k, v in out.items()}
 
 
 def ship_weights(methods: Mapping[str, str | None]) -> dict[str, tuple[str, bytes] | None]:
@@ -292,26 +296,26 @@ def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = compute_all(ir, vi, fu)
         for m in METRICS:
             cols[m].append(float(values[m]))
-    out = {k: batch[k] for k in ("method", "name", "fused", "h", "w", "c", "ir", "vi")}
+    out = {k: batch[k] for k in ("method", "name", "fused", "h", "w", "c")}
     out.update({m: np.asarray(v, dtype=np.float64) for m, v in cols.items()})
     return out
 
 
 def fuse_and_score(
     rows: list[dict[str, Any]], methods: Mapping[str, str | None], cfg: EvalConfig, use_gpu: bool
-) -> list[dict[str, Any]]:
-    """Fuse every pair with every method and score it, as one Ray Data pipeline.
+) -> Iterator[dict[str, Any]]:
+    """Fuse every pair with every method and score it, as one streaming Ray Data pipeline.
 
-    ``FuseBatch`` runs in ``cfg.concurrency`` actors (one GPU each with ``use_gpu``); the metrics
-    run as parallel tasks.
+    ``FuseBatch`` runs in ``cfg.concurrency`` actors (one GPU each with ``use_gpu``) and emits one
+    row per (pair, method); the metrics run as parallel tasks.
 
-    Returns:
-        One row per (method, pair): the input columns, ``fused`` bytes and the metrics.
+    Yields:
+        One row per (method, pair), in no particular order: ``method``, ``name``, ``h``, ``w``,
+        ``c``, ``fused`` bytes and the metrics.
     """
     import ray
 
-    items = [{"method": method, **row} for method in methods for row in rows]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
     fused = ds.map_batches(
         FuseBatch,
         fn_constructor_kwargs={"methods": ship_weights(methods), "use_gpu": use_gpu},
@@ -321,7 +325,7 @@ def fuse_and_score(
         **({"num_gpus": 1} if use_gpu else {}),
     )
     scored = fused.map_batches(score_batch, batch_size=cfg.batch_size, batch_format="numpy")
-    return scored.take_all()
+    yield from scored.iter_rows()
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +381,6 @@ def evaluate(
     import ray
 
     from pipeline.metrics import METRICS
-
     from pipeline.weights import load_model
 
     methods, skipped = resolve_methods(checkpoint, cfg.official_weights)
@@ -389,21 +392,25 @@ def evaluate(
 
     out_dir = Path(out_dir)
     per_image: list[dict[str, Any]] = []
+    grid_names = set(sorted(r["name"] for r in rows)[: cfg.grid_pairs])
     fused_images: dict[str, dict[str, np.ndarray]] = {}
-    order = {m: i for i, m in enumerate(methods)}
-    for r in sorted(fuse_and_score(rows, methods, cfg, use_gpu), key=lambda r: (order[r["method"]], r["name"])):
+    for r in fuse_and_score(rows, methods, cfg, use_gpu):
         method, name = str(r["method"]), str(r["name"])
         img = _unpack(r["fused"], int(r["h"]), int(r["w"]), int(r["c"]))
         write_image(out_dir / "fused" / method / f"{name}.png", img)
-        fused_images.setdefault(method, {})[name] = img
+        if name in grid_names:
+            fused_images.setdefault(method, {})[name] = img
         per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
+    order = {m: i for i, m in enumerate(methods)}
+    per_image.sort(key=lambda r: (order[r["method"]], r["name"]))
 
     means = mean_per_method(per_image, METRICS)
     result = EvalResult(per_image=per_image, means=means, skipped=skipped)
     result.paths["per_image"] = write_per_image_csv(out_dir / "per_image.csv", per_image, METRICS)
-    result.paths["metrics"] = write_text_atomic(Path(metrics_path), json.dumps(means, indent=2) + "\n")
+    result.paths["metrics"] = write_text_atomic(Path(metrics_path), json.dumps(means_for_json(means), indent=2) + "\n")
     result.paths["table"] = write_text_atomic(out_dir / "table.md", markdown_table(means, METRICS, len(rows), skipped))
-    sources = {r["name"]: (_unpack(r["ir"], r["h"], r["w"], 1), _unpack(r["vi"], r["h"], r["w"], r["c"])) for r in rows}
+    sources = {r["name"]: (_unpack(r["ir"], r["h"], r["w"], 1), _unpack(r["vi"], r["h"], r["w"], r["c"]))
+               for r in rows if r["name"] in grid_names}
     grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
     if grid is not None:
         result.paths["grid"] = write_image(out_dir / "grid.png", grid)
@@ -419,6 +426,11 @@ def mean_per_method(per_image: Sequence[Mapping[str, Any]], metrics: Sequence[st
         sel = [r for r in per_image if r["method"] == method]
         means[method] = {m: round(float(np.mean([r[m] for r in sel])), 6) for m in metrics}
     return means
+
+
+def means_for_json(means: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
+    """The means with non-finite values (e.g. CC of a constant image) as ``None`` (JSON ``null``)."""
+    return {k: {m: (v if np.isfinite(v) else None) for m, v in vals.items()} for k, vals in means.items()}
 
 
 def write_per_image_csv(path: str | Path, per_image: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> Path:
@@ -438,8 +450,8 @@ def markdown_table(
     """A Markdown table of the means, one row per method, the best value per metric in bold."""
     best: dict[str, float] = {}
     for m in metrics:
-        vals = [v[m] for v in means.values()]
-        best[m] = min(vals) if m in LOWER_IS_BETTER else max(vals)
+        vals = [v[m] for v in means.values() if v[m] is not None and np.isfinite(v[m])]
+        best[m] = (min(vals) if m in LOWER_IS_BETTER else max(vals)) if vals else float("nan")
     head = "| method | " + " | ".join(metrics) + " |"
     sep = "|---|" + "---:|" * len(metrics)
     lines = []
@@ -447,11 +459,17 @@ def markdown_table(
         lines += [f"Means over the {n_pairs} test pairs (higher is better; best in bold).", ""]
     lines += [head, sep]
     for method, vals in means.items():
-        cells = [f"**{vals[m]:.4f}**" if np.isclose(vals[m], best[m]) else f"{vals[m]:.4f}" for m in metrics]
+        cells = [_cell(vals[m], best[m]) for m in metrics]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for method, reason in (skipped or {}).items():
         lines += ["", f"Baseline `{method}` skipped: {reason}."]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None, best: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"**{value:.4f}**" if np.isclose(value, best) else f"{value:.4f}"
 
 
 def image_grid(
@@ -550,7 +568,8 @@ def log_to_run(run_id: str, result: EvalResult) -> None:
         return
     now = int(time.time() * 1000)
     batch = [
-        Metric(f"test_{method}_{m}", float(v), now, 0) for method, vals in result.means.items() for m, v in vals.items()
+        Metric(f"test_{method}_{m}", float(v), now, 0)
+        for method, vals in result.means.items() for m, v in vals.items() if np.isfinite(v)
     ]
     for i in range(0, len(batch), 900):
         client.log_batch(run_id, metrics=batch[i : i + 900])

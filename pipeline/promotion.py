@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -128,10 +129,12 @@ def compare(
     reasons: list[str] = []
     passed = True
     for metric in cfg.compared_metrics():
-        if metric not in new:
-            raise ValueError(f"candidate has no value for '{metric}' (check promote.primary / promote.gates)")
+        if new.get(metric) is None or not math.isfinite(new[metric]):
+            passed = False
+            reasons.append(f"{metric}: the candidate has no finite value, cannot compare")
+            continue
         value = float(new[metric])
-        if metric not in reference:
+        if reference.get(metric) is None or not math.isfinite(reference[metric]):
             passed = False
             reasons.append(f"{metric}: {ref_name} has no recorded value, cannot compare")
             continue
@@ -224,10 +227,10 @@ def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str,
     run_id, model_uri = str(train_info.get("run_id") or ""), str(train_info.get("model_uri") or "")
     if not run_id or not model_uri:
         raise ValueError("training summary lacks 'run_id' or 'model_uri'")
-    ours = {k: float(v) for k, v in eval_means[OURS].items()}
     for metric in cfg.compared_metrics():
-        if metric not in ours:
-            raise ValueError(f"metric '{metric}' (promote.primary/gates) is not in the evaluation means {sorted(ours)}")
+        if metric not in eval_means[OURS]:
+            raise ValueError(f"metric '{metric}' (promote.primary/gates) is not in the evaluation means {sorted(eval_means[OURS])}")
+    ours = _finite(eval_means[OURS])
 
     client = MlflowClient()
     name = cfg.model_name
@@ -260,7 +263,7 @@ def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str,
     else:
         if cfg.baseline not in eval_means:
             raise ValueError(f"no champion yet and no '{cfg.baseline}' baseline in the evaluation means (promote.baseline)")
-        ref_name, reference = f"baseline {cfg.baseline}", {k: float(v) for k, v in eval_means[cfg.baseline].items()}
+        ref_name, reference = f"baseline {cfg.baseline}", _finite(eval_means[cfg.baseline])
         passed, reasons = compare(ours, reference, cfg, ref_name)
         reasons.insert(0, "no champion yet: compared with the pixel baseline")
 
@@ -271,6 +274,11 @@ def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str,
     client.set_model_version_tag(name, vnum, TAG_COMPARED, ref_name)
     log.info("%s version %s -> @%s (%s)", name, vnum, decision, "; ".join(reasons))
     return Decision(name, vnum, decision, reasons, ref_name, run_id, model_uri, ours, reference, created=created)
+
+
+def _finite(means: Mapping[str, Any]) -> dict[str, float]:
+    """Drop ``null`` / non-finite means (a missing value fails its comparison)."""
+    return {k: float(v) for k, v in means.items() if v is not None and math.isfinite(float(v))}
 
 
 def write_decision(path: str | Path, decision: Decision) -> Path:

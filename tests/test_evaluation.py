@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ParamsError
-from pipeline.evaluation import EvalConfig, fuse_average, fuse_maximum, markdown_table, resolve_methods
+from pipeline.evaluation import EvalConfig, fuse_average, fuse_maximum, markdown_table, means_for_json, resolve_methods
 from pipeline.images import write_image
 from pipeline.metrics import METRICS, compute_all
 
@@ -166,3 +166,6 @@ def test_pixel_baselines_and_table():
     assert fuse_maximum(ir, colour).shape == (2, 2, 3)
     table = markdown_table({"a": {"VIF": 0.5, "EN": 7.0}, "b": {"VIF": 0.7, "EN": 6.0}}, ["VIF", "EN"])
     assert "| a | 0.5000 | **7.0000** |" in table and "| b | **0.7000** | 6.0000 |" in table
+    nan_means = {"a": {"VIF": float("nan"), "EN": 7.0}, "b": {"VIF": 0.7, "EN": float("inf")}}
+    assert "| a | n/a | **7.0000** |" in markdown_table(nan_means, ["VIF", "EN"])
+    assert means_for_json(nan_means) == {"a": {"VIF": None, "EN": 7.0}, "b": {"VIF": 0.7, "EN": None}}

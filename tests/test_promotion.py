@@ -46,6 +46,8 @@ def test_compare_primary_must_improve_and_gates_allow_tolerance():
 def test_compare_reference_without_a_metric_fails_closed():
     ok, reasons = compare(_means(0.9, 0.9, 1.9), {"VIF": 0.1, "Qabf": 0.1}, CFG)
     assert not ok and any("SSIM" in r and "no recorded value" in r for r in reasons)
+    ok, reasons = compare({"VIF": 0.9, "Qabf": float("nan"), "SSIM": 1.9}, _means(0.1, 0.1, 0.1), CFG)
+    assert not ok and any(r.startswith("Qabf: the candidate has no finite value") for r in reasons)
 
 
 def test_min_improvement_margin():
