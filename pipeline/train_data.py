@@ -171,7 +171,8 @@ def load_val_pairs(
     Args:
         registered_dir: the register stage's folder (``ir/<stem>.png``, ``vi/<stem>.png``).
         split_json: the crop stage's ``split.json``.
-        images_parquet: the stats stage's per-pair table with ``img_w_*`` weights.
+        images_parquet: the stats stage's per-pair table with the image weights ``w_int_ir``,
+            ``w_int_vi``, ``w_det_ir``, ``w_det_vi`` (or the same with an ``img_`` prefix).
         max_pairs: keep the first N val pairs (sorted by id), ``None``: all.
 
     Returns:
@@ -199,7 +200,11 @@ def load_val_pairs(
         if stem not in table.index:
             raise ValueError(f"{images_parquet}: no row for val pair '{stem}'")
         row = table.loc[stem]
-        weights = {k: float(row[f"img_w_{k}"]) for k in WEIGHT_KEYS}
+        prefix = "w_" if all(f"w_{k}" in table.columns for k in WEIGHT_KEYS) else "img_w_"
+        missing = [f"{prefix}{k}" for k in WEIGHT_KEYS if f"{prefix}{k}" not in table.columns]
+        if missing:
+            raise ValueError(f"{images_parquet}: lacks the image weight column(s) {missing} (w_int_ir, ... expected)")
+        weights = {k: float(row[f"{prefix}{k}"]) for k in WEIGHT_KEYS}
         ir_path = _find_image(registered_dir / "ir", stem, IMAGE_EXTENSIONS)
         vi_path = _find_image(registered_dir / "vi", stem, IMAGE_EXTENSIONS)
         ir = read_ir(ir_path)

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -396,7 +397,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ``config`` keys: ``settings`` (``TrainSettings`` as a dict), ``model_name``, ``model_args``,
     ``loss`` (the ``loss:`` section), ``val`` (kwargs of ``load_val_pairs``), ``steps_per_epoch``,
-    ``mlflow_uri``, ``mlflow_run_id``.
+    ``mlflow_uri``, ``mlflow_run_id``, ``driver_host``.
     """
     import ray.train
     import ray.train.torch
@@ -439,6 +440,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
 
+    if rank == 0:
+        _check_tracking_reachable(config.get("mlflow_uri"), config.get("driver_host", ""))
     tracker = _Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     nodes = _gather_objects(ray.get_runtime_context().get_node_id())
     if rank == 0:
@@ -651,7 +654,7 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     from pipeline.mlflow_model import log_fusion_model
     from pipeline.network import model_config
     from pipeline.ray_runtime import ray_options, ray_session
-    from pipeline.train_data import count_train_patches, train_dataset, val_pair_ids
+    from pipeline.train_data import count_train_patches, load_val_pairs, train_dataset
 
     t_start = time.perf_counter()
     settings = train_settings(params)
@@ -661,8 +664,12 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
 
     FusionLoss.from_params(loss_cfg)  # fail fast on bad loss params, before any worker starts
     root = Path(paths.root).resolve()
-    if not val_pair_ids(paths.split_json):
-        raise ValueError(f"{paths.split_json}: no 'val' pairs; training validates on them (raise crop.val fraction)")
+    val_kwargs = {"registered_dir": str(Path(paths.registered_dir).resolve()),
+                  "split_json": str(Path(paths.split_json).resolve()),
+                  "images_parquet": str(Path(paths.images_parquet).resolve()),
+                  "max_pairs": settings.val_max_pairs}
+    if not load_val_pairs(**val_kwargs):  # fail fast (and with the file's name) before Ray starts
+        raise ValueError(f"{paths.split_json}: no 'val' pairs; training validates on them (raise crop.fractions.val)")
     n_train = count_train_patches(paths.patches_dir)
     if settings.max_train_patches is not None:
         n_train = min(n_train, settings.max_train_patches)
@@ -684,13 +691,11 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
         "model_name": model_name,
         "model_args": model_args,
         "loss": loss_cfg,
-        "val": {"registered_dir": str(Path(paths.registered_dir).resolve()),
-                "split_json": str(Path(paths.split_json).resolve()),
-                "images_parquet": str(Path(paths.images_parquet).resolve()),
-                "max_pairs": settings.val_max_pairs},
+        "val": val_kwargs,
         "steps_per_epoch": steps_per_epoch,
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
+        "driver_host": socket.gethostname(),
     }
     try:
         with ray_session(**ray_options(params)) as resources:
@@ -710,6 +715,7 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
                 run_config=RunConfig(
                     name=name,
                     storage_path=str(storage),
+                    worker_runtime_env=_worker_runtime_env(params),
                     checkpoint_config=CheckpointConfig(
                         num_to_keep=settings.keep_checkpoints,
                         checkpoint_score_attribute=settings.checkpoint_metric,
@@ -763,6 +769,29 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     _atomic_write_text(Path(paths.summary_json), json.dumps(summary, indent=2) + "\n")
     client.set_terminated(run_id, status="FINISHED")
     return summary
+
+
+def _worker_runtime_env(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """When joining an existing cluster, ship this ``pipeline`` package to the training workers
+    (its nodes need torch/ray/mlflow installed, not our code)."""
+    from pipeline.ray_runtime import ray_options, resolve_address
+
+    if resolve_address(ray_options(params)["address"]) is None:
+        return None
+    import pipeline
+
+    return {"py_modules": [str(Path(pipeline.__file__).parent)]}
+
+
+def _check_tracking_reachable(uri: str | None, driver_host: str) -> None:
+    """A local MLflow store (sqlite/file) only works for a rank 0 on the driver's host."""
+    import socket
+
+    if uri and uri.startswith(("sqlite:", "file:", "/")) and socket.gethostname() != driver_host:
+        raise ValueError(
+            f"MLflow store {uri} is local to the driver host {driver_host}, but world rank 0 runs on "
+            f"{socket.gethostname()}: set MLFLOW_TRACKING_URI to an MLflow server reachable from the cluster"
+        )
 
 
 def _best_checkpoint(result: Any, settings: TrainSettings) -> tuple[Any, dict[str, Any]]:

@@ -150,6 +150,12 @@ def test_val_inputs_errors_name_the_file(tmp_path):
         load_val_pairs(inputs["registered"], inputs["split"], inputs["images"])
     with pytest.raises(FileNotFoundError, match="Parquet"):
         count_train_patches(tmp_path / "empty")
+    import pandas as pd
+
+    pd.DataFrame({"pair_id": ["v00"], "split": ["val"], "w_int_ir": [0.5]}).to_parquet(inputs["images"])
+    (inputs["registered"] / "vi" / "v00.png").write_bytes((inputs["registered"] / "ir" / "v00.png").read_bytes())
+    with pytest.raises(ValueError, match="images.parquet.*w_int_vi"):
+        load_val_pairs(inputs["registered"], inputs["split"], inputs["images"])
 
 
 def test_pyfunc_model_loads_by_uri_and_fuses_gray_and_colour(tmp_path, monkeypatch):

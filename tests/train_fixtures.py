@@ -58,8 +58,8 @@ def make_train_inputs(
         else:
             write_image(reg / "vi" / f"{stem}.png", vi)
         wi, wd = float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.3, 0.7))
-        images.append({"pair_id": stem, "split": split, "img_w_int_ir": wi, "img_w_int_vi": 1 - wi,
-                       "img_w_det_ir": wd, "img_w_det_vi": 1 - wd})
+        images.append({"pair_id": stem, "split": split, "w_int_ir": wi, "w_int_vi": 1 - wi,
+                       "w_det_ir": wd, "w_det_vi": 1 - wd})
         for y in range(0, h - patch + 1, patch // 2):
             for x in range(0, w - patch + 1, patch // 2):
                 a, b = float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8))
