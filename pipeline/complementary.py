@@ -25,12 +25,14 @@ flat gets weights near 0/1. Patches and whole images have separate scales (``nor
 ``{"patch": {"scales", "count"}, "image": {...}, "temperature", "intensity_terms", "detail_terms",
 "log_sigma", "method"}``). A scale below 1e-6 (modalities identical for that statistic) is
 replaced by 1 with a warning. The median is computed in a streaming way from a log-spaced histogram
-(100 bins per decade, ~1 % precision) accumulated over Parquet record batches of the statistic
-columns: the driver never holds a per-patch array.
+(100 bins per decade, ~1 % precision) summed over the shards: the driver never holds a per-patch
+array.
 
 The ``stats`` step (``compute_stats``) runs two passes of Ray Data over the patches: pass 1 adds
 the statistics (staged as Parquet), whose ``|IR - VIS|`` histograms are then accumulated into the
-scales by streaming only the few statistic columns; pass 2 maps the weights. Whole images are one
+scales (each task returns its shard's histograms, summed in the driver); pass 2 maps the weights.
+Each Ray task reads one shard and writes its output shard itself (same file name), so outputs are
+deterministic whatever the cluster. Whole images are one
 more Ray Data map over the pairs. It writes
 
 - ``<out>/patches/part-NNNNN.parquet``: the patch columns (``pipeline.patches.PATCH_SCHEMA``) +
@@ -404,33 +406,63 @@ def summarise_weights(moments: np.ndarray, hist: np.ndarray) -> dict[str, float]
 # ----------------------------------------------------------------------------- the stats step
 
 
-def iter_column_batches(files: Sequence[str | Path], columns: Sequence[str]) -> Any:
-    """Stream some columns of Parquet files, one record batch at a time (dicts of numpy arrays)."""
-    for path in files:
-        with pq.ParquetFile(path) as pf:
-            for rb in pf.iter_batches(batch_size=65536, columns=list(columns)):
-                yield {name: rb.column(name).to_numpy(zero_copy_only=False) for name in columns}
+def _numpy_columns(table: pa.Table, names: Sequence[str]) -> dict[str, np.ndarray]:
+    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}
 
 
-def _scales_from_files(files: Sequence[str | Path], names: Sequence[str], split: str | None) -> tuple[dict[str, float], int]:
-    totals = {name: np.zeros(len(DIFF_EDGES) - 1, np.int64) for name in names}
-    columns = ["split", *(f"{m}_{k}" for m in MODALITIES for k in names)]
-    for batch in iter_column_batches(files, columns):
-        hists = diff_histogram_batch(batch, names, split)
-        for name in names:
-            totals[name] += hists[name][0]
-    count = int(totals[names[0]].sum())
-    return scales_from_histograms(totals), count
+def stats_shard(
+    shard: Mapping[str, Any], src_dir: str, dst_dir: str, log_sigma: float, names: Sequence[str], scale_split: str | None
+) -> dict[str, Any]:
+    """Pass 1 on one patch shard (a Ray Data ``map`` row ``{"file"}``): statistics -> ``dst_dir/file``.
+
+    Returns:
+        ``{"file", "rows", "split_<name>": hist, "all_<name>": hist}``: the ``|IR - VIS|``
+        histograms (``DIFF_EDGES``) of each statistic in ``names`` over the rows of ``scale_split``
+        and over every row.
+    """
+    table = add_patch_stats(pq.read_table(Path(src_dir) / shard["file"]), log_sigma)
+    pq.write_table(table, Path(dst_dir) / shard["file"])
+    cols = _numpy_columns(table, ["split", *(f"{m}_{k}" for m in MODALITIES for k in names)])
+    out: dict[str, Any] = {"file": shard["file"], "rows": table.num_rows}
+    for prefix, split in (("split_", scale_split), ("all_", None)):
+        for name, hist in diff_histogram_batch(cols, names, split).items():
+            out[prefix + name] = hist[0]
+    return out
 
 
-def _weight_metrics(batches: Any, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def weights_shard(
+    shard: Mapping[str, Any], src_dir: str, dst_dir: str, norm: Mapping[str, Any],
+    image_weights: Mapping[str, Sequence[float]], watched: Sequence[str],
+) -> dict[str, Any]:
+    """Pass 2 on one shard with statistics: weights -> ``dst_dir/file``; returns the weight summaries."""
+    table = add_patch_weights(pq.read_table(Path(src_dir) / shard["file"]), norm, image_weights)
+    pq.write_table(table, Path(dst_dir) / shard["file"])
+    summary = weight_summary_batch(_numpy_columns(table, watched), watched)
+    return {"file": shard["file"], **{k: v[0] for k, v in summary.items()}}
+
+
+def accumulate_scales(rows: Any, names: Sequence[str], scale_split: str | None) -> tuple[dict[str, float], int]:
+    """Sum the pass-1 histograms of every shard into the scales (falls back to every split if empty)."""
+    totals = {p + n: np.zeros(len(DIFF_EDGES) - 1, np.int64) for p in ("split_", "all_") for n in names}
+    for row in rows:
+        for key in totals:
+            totals[key] += np.asarray(row[key], np.int64)
+    prefix = "split_"
+    if scale_split is not None and totals["split_" + names[0]].sum() == 0:
+        log.warning("stats: no '%s' patch; the scales use every split", scale_split)
+        prefix = "all_"
+    hists = {n: totals[prefix + n] for n in names}
+    return scales_from_histograms(hists), int(hists[names[0]].sum())
+
+
+def accumulate_weight_metrics(rows: Any, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Sum per-shard weight summaries into ``{name: {"mean", "std", "p5", ...}}`` and fine histograms."""
     moments = {n: np.zeros(3) for n in names}
     hists = {n: np.zeros(len(WEIGHT_EDGES) - 1, np.int64) for n in names}
-    for batch in batches:
-        row = weight_summary_batch(batch, names)
+    for row in rows:
         for n in names:
-            moments[n] += row[f"{n}__moments"][0]
-            hists[n] += row[f"{n}__hist"][0]
+            moments[n] += np.asarray(row[f"{n}__moments"], np.float64).reshape(3)
+            hists[n] += np.asarray(row[f"{n}__hist"], np.int64)
     return {n: summarise_weights(moments[n], hists[n]) for n in names}, hists
 
 
@@ -479,7 +511,7 @@ def compute_stats(
     import ray.data
 
     from pipeline.patches import (
-        SPLITS, ordered_data_context, overwrite_mode, part_filename_provider, replace_dir, staging_dir, write_json,
+        SPLITS, ordered_data_context, replace_dir, staging_dir, write_json,
     )
 
     patches_dir, out_dir = Path(patches_dir), Path(out_dir)
@@ -519,24 +551,26 @@ def compute_stats(
 
         # Pass 1: statistics of every patch, staged, and the |IR - VIS| histograms -> scales.
         stage1 = tmp / ".pass1"
-        (ray.data.read_parquet([str(p) for p in parts])
-         .map_batches(add_patch_stats, batch_size=None, batch_format="pyarrow", fn_kwargs={"log_sigma": cfg.log_sigma})
-         .write_parquet(str(stage1), filename_provider=part_filename_provider(), mode=overwrite_mode()))
-        staged = [str(p) for p in sorted(stage1.glob("part-*.parquet"))]
+        stage1.mkdir()
+        shards = [{"file": p.name} for p in parts]
         only = None if cfg.scale_split == "all" else cfg.scale_split
-        scales, count = _scales_from_files(staged, cfg.terms, only)
-        if count == 0 and only is not None:
-            log.warning("stats: no '%s' patch; the scales use every split", only)
-            scales, count = _scales_from_files(staged, cfg.terms, None)
+        rows = (ray.data.from_items(shards, override_num_blocks=len(shards))
+                .map(stats_shard, fn_kwargs={"src_dir": str(patches_dir), "dst_dir": str(stage1),
+                                             "log_sigma": cfg.log_sigma, "names": list(cfg.terms), "scale_split": only})
+                .iter_rows())
+        scales, count = accumulate_scales(rows, cfg.terms, only)
         norm = cfg.normalisation(scales)
 
-        # Pass 2: weights of every patch (+ the weights of its whole image).
+        # Pass 2: weights of every patch (+ the weights of its whole image), and their spread.
+        (tmp / "patches").mkdir()
+        watched = ["w_int_ir", "w_det_ir"]
         norm_arg = {"scales": dict(norm.scales), "temperature": norm.temperature,
                     "intensity_terms": list(norm.intensity_terms), "detail_terms": list(norm.detail_terms)}
-        (ray.data.read_parquet(staged)
-         .map_batches(add_patch_weights, batch_size=None, batch_format="pyarrow",
-                      fn_kwargs={"norm": norm_arg, "image_weights": image_weights})
-         .write_parquet(str(tmp / "patches"), filename_provider=part_filename_provider(), mode=overwrite_mode()))
+        rows = (ray.data.from_items(shards, override_num_blocks=len(shards))
+                .map(weights_shard, fn_kwargs={"src_dir": str(stage1), "dst_dir": str(tmp / "patches"), "norm": norm_arg,
+                                               "image_weights": image_weights, "watched": watched})
+                .iter_rows())
+        patch_metrics, patch_hists = accumulate_weight_metrics(rows, watched)
         shutil.rmtree(stage1)
 
         normalisation = {
@@ -551,10 +585,8 @@ def compute_stats(
         }
         write_json(tmp / "normalisation.json", normalisation)
 
-        watched = ["w_int_ir", "w_det_ir"]
-        final = sorted((tmp / "patches").glob("part-*.parquet"))
-        patch_metrics, patch_hists = _weight_metrics(iter_column_batches(final, watched), watched)
-        img_metrics, img_hists = _weight_metrics([{n: image_table.column(n).to_numpy() for n in watched}], watched)
+        img_summary = weight_summary_batch(_numpy_columns(image_table, watched), watched)
+        img_metrics, img_hists = accumulate_weight_metrics([{k: v[0] for k, v in img_summary.items()}], watched)
         metrics = {
             "patch": {"count": int(patch_hists[watched[0]].sum()), **patch_metrics},
             "image": {"count": image_table.num_rows, **img_metrics},

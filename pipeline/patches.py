@@ -6,8 +6,8 @@ Input: a registered folder (``register`` stage): ``ir/<stem>.png``, ``vi/<stem>.
 
 Output folder (``crop`` stage), written atomically (a temporary sibling folder renamed into place):
 
-- ``part-NNNNN.parquet``: one shard per ``pairs_per_shard`` consecutive pairs (sorted by
-  ``pair_id``), one row per patch, schema ``PATCH_SCHEMA``:
+- ``part-NNNNN.parquet``: shard ``NNNNN`` holds ``pairs_per_shard`` consecutive pairs (sorted by
+  ``pair_id``; each Ray task writes one shard), one row per patch, schema ``PATCH_SCHEMA``:
 
   ============ ======== =====================================================================
   ``pair_id``  string   stem of the registered pair
@@ -35,8 +35,8 @@ Optional ``drop_flat``: a patch whose IR *and* visible standard deviations are b
 threshold (gray levels, 0-255) carries no information for either modality and is dropped.
 
 Determinism: the split depends only on the sorted pair ids, the seed, the fractions and the test
-list; the shards only on the pairs and the params; Ray Data runs with ``preserve_order`` and the
-shard names come from the write task index, so the same params give the same files, rows and bytes.
+list; the shards only on the pairs and the params (shard ``i`` = pairs ``i*k .. i*k+k-1``, whatever
+the cluster size or the task order), so the same params give the same files, rows and bytes.
 """
 
 from __future__ import annotations
@@ -391,22 +391,38 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def part_filename_provider(prefix: str = "part"):
-    """A Ray Data ``FilenameProvider`` naming shards ``<prefix>-<task index:05d>.parquet``."""
-    from ray.data.datasource import FilenameProvider
-
-    class _Parts(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:  # noqa: ARG002
-            return f"{prefix}-{task_index:05d}.parquet"
-
-    return _Parts(file_format="parquet")
+def shard_name(index: int) -> str:
+    """File name of shard ``index``: ``part-NNNNN.parquet``."""
+    return f"part-{index:05d}.parquet"
 
 
-def overwrite_mode() -> Any:
-    """Ray Data's ``SaveMode.OVERWRITE`` (needed by fixed shard names; we write into fresh folders)."""
-    from ray.data import SaveMode
+def plan_shards(items: Sequence[Mapping[str, Any]], pairs_per_shard: int) -> list[dict[str, Any]]:
+    """Group consecutive pairs into shards: ``[{"shard", "pair_ids", "splits"}]``."""
+    return [
+        {
+            "shard": i // pairs_per_shard,
+            "pair_ids": [r["pair_id"] for r in items[i : i + pairs_per_shard]],
+            "splits": [r["split"] for r in items[i : i + pairs_per_shard]],
+        }
+        for i in range(0, len(items), pairs_per_shard)
+    ]
 
-    return SaveMode.OVERWRITE
+
+def crop_shard(
+    shard: Mapping[str, Any], registered_dir: str, out_dir: str, size: int, stride: int, drop_flat: float | None
+) -> dict[str, Any]:
+    """Crop the pairs of one shard and write ``out_dir/part-NNNNN.parquet`` (a Ray Data ``map`` row).
+
+    Returns:
+        ``{"shard", "file", "train", "val", "test"}``: patch counts per split of the shard.
+    """
+    table = crop_batch(
+        {"pair_id": list(shard["pair_ids"]), "split": list(shard["splits"])}, registered_dir, size, stride, drop_flat
+    )
+    name = shard_name(int(shard["shard"]))
+    pq.write_table(table, Path(out_dir) / name)
+    splits = table.column("split").to_pylist()
+    return {"shard": int(shard["shard"]), "file": name, **{s: splits.count(s) for s in SPLITS}}
 
 
 def ordered_data_context() -> None:
@@ -448,20 +464,12 @@ def plan_crop(registered_dir: str | Path, cfg: CropConfig) -> tuple[list[dict[st
     return items, record
 
 
-def count_patches(patches_dir: str | Path) -> dict[str, int]:
-    """Number of patch rows per split in a patch folder (reads only the ``split`` column)."""
-    counts = {name: 0 for name in SPLITS}
-    for part in sorted(Path(patches_dir).glob("part-*.parquet")):
-        for value in pq.read_table(part, columns=["split"]).column("split").to_pylist():
-            counts[value] = counts.get(value, 0) + 1
-    return counts
-
-
 def crop_dataset(registered_dir: str | Path, out_dir: str | Path, cfg: CropConfig) -> dict[str, Any]:
-    """The crop step: Ray Data over the pairs of a registered folder -> Parquet shards + split.json.
+    """The crop step: Ray Data over the shards of pairs -> Parquet shards + split.json.
 
     Must run inside ``pipeline.ray_runtime.ray_session``. Streaming: the driver holds only the
-    list of pair ids; images are read and cropped in Ray tasks that write their shard directly.
+    pair ids; each Ray task reads its pairs, crops them and writes its shard itself, returning
+    only patch counts.
 
     Args:
         registered_dir: output of the register stage.
@@ -469,7 +477,7 @@ def crop_dataset(registered_dir: str | Path, out_dir: str | Path, cfg: CropConfi
         cfg: crop parameters.
 
     Returns:
-        The ``split.json`` record, with ``counts`` (patches per split) and ``pairs`` per split.
+        The ``split.json`` record, with ``counts`` (patches per split).
 
     Raises:
         FileNotFoundError / ValueError: missing manifest, no usable pair, no patch at all.
@@ -480,23 +488,17 @@ def crop_dataset(registered_dir: str | Path, out_dir: str | Path, cfg: CropConfi
     items, record = plan_crop(registered_dir, cfg)
     if not items:
         raise ValueError(f"{registered_dir}: no pair is at least {cfg.patch_size}x{cfg.patch_size} pixels")
+    shards = plan_shards(items, cfg.pairs_per_shard)
     ordered_data_context()
     tmp = staging_dir(out_dir)
     try:
-        ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / cfg.pairs_per_shard))
-        ds = ds.map_batches(
-            crop_batch,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "registered_dir": registered_dir,
-                "size": cfg.patch_size,
-                "stride": cfg.stride,
-                "drop_flat": cfg.drop_flat,
-            },
-        )
-        ds.write_parquet(str(tmp), filename_provider=part_filename_provider(), mode=overwrite_mode())
-        counts = count_patches(tmp)
+        kwargs = {"registered_dir": registered_dir, "out_dir": str(tmp), "size": cfg.patch_size,
+                  "stride": cfg.stride, "drop_flat": cfg.drop_flat}
+        ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map(crop_shard, fn_kwargs=kwargs)
+        counts = {name: 0 for name in SPLITS}
+        for row in ds.iter_rows():
+            for name in SPLITS:
+                counts[name] += int(row[name])
         if sum(counts.values()) == 0:
             raise ValueError(f"{registered_dir}: every patch was dropped (crop.drop_flat={cfg.drop_flat} too high?)")
         record["counts"] = counts

@@ -37,7 +37,7 @@ EXPECTED_OUTPUTS: list[str] = [
     "data/demo/ir",
     "data/registered/manifest.parquet",
     "data/patches/split.json",
-    "data/patches/part-00000-0.parquet",
+    "data/patches/part-00000.parquet",
     "data/stats/images.parquet",
     "data/stats/normalisation.json",
     "data/stats/patches",
