@@ -55,7 +55,7 @@ class EvalConfig:
             baseline. A configured path that does not exist skips the baseline with a log line, so
             a fresh clone without ``../shared`` still runs.
         batch_size: image pairs per Ray Data batch.
-        concurrency: model actors per method (each loads its weights once).
+        concurrency: fusion actors (each loads every network once; one GPU each with ``use_gpu``).
         use_gpu: one GPU per model actor; ``None``: when the Ray cluster has GPUs.
         grid_pairs: test pairs shown in ``grid.png`` (the first ones by name).
         grid_tile: (height, width) in pixels of each tile of the grid (images are letterboxed).
@@ -205,12 +205,12 @@ class FuseBatch:
     filesystem.
 
     Args:
-        methods: ``{method: (weights file name, weights bytes) or None}`` (``None`` for the pixel
-            baselines); see ``ship_weights``.
+        methods: ``{method: (weights file name, weights bytes or their ObjectRef) or None}``
+            (``None`` for the pixel baselines); see ``ship_weights``.
         use_gpu: run the networks on CUDA.
     """
 
-    def __init__(self, methods: Mapping[str, tuple[str, bytes] | None], use_gpu: bool = False) -> None:
+    def __init__(self, methods: Mapping[str, tuple[str, Any] | None], use_gpu: bool = False) -> None:
         self.fns: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
         for method, weights in methods.items():
             if method == "average":
@@ -221,6 +221,10 @@ class FuseBatch:
                 raise ValueError(f"method {method!r} needs a weights file")
             else:
                 name, data = weights
+                if not isinstance(data, bytes):  # an ObjectRef nested in the tuple: not resolved by Ray
+                    import ray
+
+                    data = ray.get(data)
                 with tempfile.TemporaryDirectory(prefix="mda-eval-") as tmp:
                     local = Path(tmp) / Path(name).name
                     local.write_bytes(data)
@@ -247,9 +251,16 @@ class FuseBatch:
         return {k: np.array(v, dtype=object) if k in ("ir", "vi", "fused") else np.array(v) for k, v in out.items()}
 
 
-def ship_weights(methods: Mapping[str, str | None]) -> dict[str, tuple[str, bytes] | None]:
-    """Read the weights files of ``methods`` (``{method: path or None}``) for ``FuseBatch``."""
-    return {m: (str(path), Path(path).read_bytes()) if path else None for m, path in methods.items()}
+def ship_weights(methods: Mapping[str, str | None]) -> dict[str, tuple[str, Any] | None]:
+    """Put the weights files of ``methods`` (``{method: path or None}``) in Ray's object store.
+
+    Returns:
+        ``{method: (file name, ObjectRef of its bytes) or None}`` for ``FuseBatch``: the actors'
+        constructor arguments stay small and every actor fetches the bytes once.
+    """
+    import ray
+
+    return {m: (str(path), ray.put(Path(path).read_bytes())) if path else None for m, path in methods.items()}
 
 
 def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -321,7 +332,7 @@ def fuse_and_score(
         fn_constructor_kwargs={"methods": ship_weights(methods), "use_gpu": use_gpu},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         **({"num_gpus": 1} if use_gpu else {}),
     )
     scored = fused.map_batches(score_batch, batch_size=cfg.batch_size, batch_format="numpy")
