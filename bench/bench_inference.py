@@ -6,13 +6,17 @@ to ``bench/results/inference.json``:
 - parameter count, GFLOPs of one fused forward (``torch.utils.flop_counter.FlopCounterMode``,
   2 FLOPs per multiply-add, counted on the padded input);
 - milliseconds per forward (best of ``--repeats`` after a warm-up) of the plain eager fp32 path
-  (NCHW, ``torch.no_grad``) and of our tuned path (``pipeline.inference.Fuser``: inference mode,
-  channels-last, padding and cropping included), optionally also ``torch.compile`` (``--compile``);
+  (NCHW, ``torch.no_grad``, PyTorch's default allocator: ``eager_fp32``, timed in a child process)
+  and of our tuned path (``tuned``: ``pipeline.inference.Fuser``, i.e. inference mode,
+  channels-last, padding and cropping included, in a process with ``THP_MEM_ALLOC_ENABLE=1`` as
+  ``mda fuse`` sets it: large tensors on transparent huge pages); also the plain eager path in the
+  THP process (``eager_fp32_thp``), and optionally ``torch.compile`` of the tuned path (``--compile``);
 - achieved GFLOP/s and its ratio to the GFLOP/s of a 2048x2048 fp32 matmul measured in the same
   run (the practical ceiling of this machine), and the largest difference between the outputs of
   the eager and tuned paths (must be <= 1e-4).
 
 Usage: ``python bench/bench_inference.py [--repeats 3] [--threads N] [--compile] [--synthetic]``
+(``--no-thp``: run everything with the default allocator).
 (``--synthetic`` uses random images of the same sizes when ../shared is absent; the authors'
 weights are used when present, else a seeded random initialisation: speed does not depend on it).
 """
@@ -24,13 +28,17 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
+if "--no-thp" not in sys.argv and "--baseline-child" not in sys.argv:  # before torch allocates anything
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +101,32 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def run_baseline_child(name: str, args: argparse.Namespace) -> float:
+    """Seconds per plain eager forward, timed in a child process without THP allocations."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    cmd = [sys.executable, __file__, "--baseline-child", "--only", name, "--repeats", str(args.repeats)]
+    cmd += ["--threads", str(torch.get_num_threads())] + (["--synthetic"] if args.synthetic else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def baseline_child(args: argparse.Namespace) -> int:
+    """Print the best time (s) of the plain eager forward for ``--only`` (child process)."""
+    set_threads(args.threads)
+    weights = SHARED / "models" / "mda_official" / "fusion_model.pth"
+    model = load_model(weights)[0] if weights.is_file() else build_model("mda").eval()
+    ir_u8, y_u8 = load_pair(args.only, args.synthetic)
+    ir = pad_to_multiple(torch.from_numpy(ir_u8).float()[None, None] / 255)
+    vi = pad_to_multiple(torch.from_numpy(y_u8).float()[None, None] / 255)
+
+    def eager() -> None:
+        with torch.no_grad():
+            model(ir, vi)
+
+    print(best_time(eager, args.repeats))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -100,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the tuned path")
     parser.add_argument("--synthetic", action="store_true", help="random images instead of ../shared")
     parser.add_argument("--only", choices=sorted(PAIRS), help="one pair only")
+    parser.add_argument("--no-thp", action="store_true", help="default allocator for every variant")
+    parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "inference.json")
     args = parser.parse_args(argv)
+    if args.baseline_child:
+        return baseline_child(args)
 
     set_threads(args.threads)
     weights = SHARED / "models" / "mda_official" / "fusion_model.pth"
@@ -115,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     tuned = Fuser(build_model("mda").eval(), postprocess="clip")
     tuned.model.load_state_dict(plain.state_dict())
 
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
     info = machine_info()
+    info["THP_MEM_ALLOC_ENABLE"] = thp
     ceiling = matmul_ceiling()
     print(f"machine: {info['cpu']}, {info['cores_available']} cores, torch threads {info['torch_threads']}, "
           f"load {info['load_average_1_5_15']}")
@@ -134,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 return plain(ir_p, vi_p)[..., : ir.shape[-2], : ir.shape[-1]]
 
-        variants: dict[str, Callable[[], torch.Tensor]] = {"eager_fp32": eager, "tuned": lambda: tuned.fuse_tensor(ir, vi)}
+        eager_label = "eager_fp32" if thp is None else "eager_fp32_thp"
+        variants: dict[str, Callable[[], torch.Tensor]] = {eager_label: eager, "tuned": lambda: tuned.fuse_tensor(ir, vi)}
         if args.compile:
             compiled = Fuser(torch.compile(tuned.model), postprocess="clip")
             t0 = time.perf_counter()
@@ -145,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, object] = {"size_hw": list(ir.shape[-2:]), "padded_hw": list(ir_p.shape[-2:]),
                                   "gflop": round(gflop, 2)}
         print(f"{name}: {tuple(ir.shape[-2:])} padded {tuple(ir_p.shape[-2:])}, {gflop:.1f} GFLOP")
+        if thp is not None:  # the plain baseline with the default allocator, in a fresh process
+            seconds = run_baseline_child(name, args)
+            rate = gflop / seconds
+            row["eager_fp32"] = {"ms": round(seconds * 1e3, 1), "gflops_per_s": round(rate, 1),
+                                 "ratio_to_ceiling": round(rate / ceiling, 3), "max_abs_diff_vs_eager": 0.0}
+            print(f"  {'eager_fp32':15s} {seconds * 1e3:8.0f} ms  {rate:6.1f} GFLOP/s  "
+                  f"{rate / ceiling:5.2f} of ceiling  (default allocator, child process)")
         for label, fn in variants.items():
             seconds = best_time(fn, args.repeats)
             diff = float((fn() - ref).abs().max())
