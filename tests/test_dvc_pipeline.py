@@ -29,9 +29,12 @@ TINY_OVERRIDES: dict[str, object] = {
     "crop.patch_size": 32,
     "crop.stride": 32,
     "crop.pairs_per_shard": 3,
+    "evaluate.grid_pairs": 1,
+    "evaluate.grid_tile": [48, 64],
+    "promote.model_name": "mda-fusion-test",
 }
 #: stages given to ``dvc repro`` (it runs everything they depend on).
-REPRO_TARGETS: list[str] = ["stats"]
+REPRO_TARGETS: list[str] = ["promote"]
 #: files or folders every run must produce (relative to the repository root).
 EXPECTED_OUTPUTS: list[str] = [
     "data/demo/ir",
@@ -43,6 +46,12 @@ EXPECTED_OUTPUTS: list[str] = [
     "data/stats/patches",
     "metrics/stats.json",
     "plots/weights_hist.csv",
+    "models/train.json",
+    "eval/per_image.csv",
+    "eval/table.md",
+    "eval/grid.png",
+    "metrics/eval.json",
+    "models/promotion.json",
 ]
 
 
@@ -109,6 +118,7 @@ def test_dvc_repro_in_a_fresh_git_copy_then_nothing_to_do(tmp_path):
     assert not missing, f"declared outputs missing after dvc repro: {missing}\n{first[-3000:]}"
     shown = _run(["dvc", "metrics", "show"], repo, env)
     assert "metrics/stats.json" in shown and "patch.w_int_ir.p5" in shown, shown
+    assert "metrics/eval.json" in shown and "ours.VIF" in shown and "average.Qabf" in shown, shown
 
     before = _fingerprint(repo, ["dvc.lock", *EXPECTED_OUTPUTS])
     second = _run(["dvc", "repro", *REPRO_TARGETS], repo, env)
