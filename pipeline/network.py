@@ -298,7 +298,9 @@ class MDANet(nn.Module):
             ValueError: shapes differ, are not (B, 1, H, W), or H/W are not multiples of 8.
         """
         if ir.shape != vi.shape or ir.ndim != 4 or ir.shape[1] != 1:
-            raise ValueError(f"MDA expects ir and vi of equal shape (B, 1, H, W); got {tuple(ir.shape)} and {tuple(vi.shape)}")
+            raise ValueError(
+                f"MDA expects ir and vi of equal shape (B, 1, H, W); got {tuple(ir.shape)} and {tuple(vi.shape)}"
+            )
         h, w = ir.shape[-2:]
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
             raise ValueError(

@@ -210,7 +210,9 @@ def _load_official(state: Mapping[str, torch.Tensor], path: Path) -> tuple[nn.Mo
 def _load_checkpoint(obj: Mapping[str, Any], path: Path) -> tuple[nn.Module, dict[str, Any]]:
     version = obj.get("format_version")
     if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {version!r} is not supported (expected {CHECKPOINT_VERSION})")
+        raise ValueError(
+            f"{path}: checkpoint format version {version!r} is not supported (expected {CHECKPOINT_VERSION})"
+        )
     for key, kind in (("name", str), ("args", Mapping), ("state_dict", Mapping), ("meta", Mapping)):
         if not isinstance(obj.get(key), kind):
             raise ValueError(f"{path}: checkpoint entry '{key}' is missing or not a {kind.__name__}")
@@ -304,7 +306,9 @@ def save_checkpoint(
     meta: dict[str, Any] = {"postprocess": DEFAULT_POSTPROCESS["checkpoint"]}
     meta.update(dict(extra or {}))
     if meta["postprocess"] not in ("minmax", "clip"):
-        raise ValueError(f"save_checkpoint: extra['postprocess'] must be 'minmax' or 'clip', got {meta['postprocess']!r}")
+        raise ValueError(
+            f"save_checkpoint: extra['postprocess'] must be 'minmax' or 'clip', got {meta['postprocess']!r}"
+        )
     meta.setdefault("saved_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     meta.setdefault("torch_version", torch.__version__)
     try:  # keeps the file loadable with weights_only=True (plain containers only)
