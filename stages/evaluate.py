@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipeline.config import load_params, section
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 1
-    print(open(result.paths["table"]).read())
+    print(Path(result.paths["table"]).read_text())
     return 0
 
 
