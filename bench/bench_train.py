@@ -1,6 +1,7 @@
 """Training throughput: a plain PyTorch loop vs Ray Train with 1 and 2 workers, same Parquet data.
 
-Measures steady-state patches/s (after warm-up steps, start-up excluded) for
+Measures steady-state patches/s (after warm-up steps, start-up excluded; from the median step time,
+which a busy shared machine disturbs less than the mean, both are recorded) for
 
 - ``plain``: one process, all cores as torch threads, batches decoded from the Parquet patch table
   with ``pipeline.train_data.decode_patches``;
@@ -76,6 +77,7 @@ def _setup(cfg: dict):
 
 def plain(cfg: dict) -> dict:
     """Single-process loop over batches decoded from the Parquet table."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
 
@@ -85,19 +87,25 @@ def plain(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     t_start = time.perf_counter()
     table = pq.read_table(cfg["patches"], columns=list(PATCH_COLUMNS) + ["split"])
-    table = table.filter(table["split"] == "train").select(list(PATCH_COLUMNS))
+    table = table.filter(pc.equal(table["split"], "train")).select(list(PATCH_COLUMNS))
     model, loss_fn, opt = _setup(cfg)
     b, total = cfg["batch_size"], cfg["warmup"] + cfg["steps"]
     startup = time.perf_counter() - t_start
-    t0 = None
+    times = []
     for i in range(total):
-        if i == cfg["warmup"]:
-            t0 = time.perf_counter()
+        t = time.perf_counter()
         lo = (i * b) % max(1, table.num_rows - b)
-        batch = decode_patches(table.slice(lo, b).to_pydict() | {})  # decode in the loop, like the workers
+        batch = decode_patches(table.slice(lo, b).to_pydict())  # decoded per step, as on the workers
         train_step(model, {k: torch.from_numpy(v) for k, v in batch.items()}, loss_fn, opt, grad_clip=1.0)
-    dt = time.perf_counter() - t0
-    return {"patches_per_s": cfg["steps"] * b / dt, "step_s": dt / cfg["steps"], "startup_s": startup}
+        times.append(time.perf_counter() - t)
+    return dict(_rates(times[cfg["warmup"]:], b), startup_s=startup)
+
+
+def _rates(step_times: list[float], patches_per_step: int) -> dict:
+    """Throughput from per-step wall times: the median step (robust to a busy shared machine) and the mean."""
+    med, mean = float(np.median(step_times)), float(np.mean(step_times))
+    return {"patches_per_s": patches_per_step / med, "patches_per_s_mean": patches_per_step / mean,
+            "step_s_median": med, "step_s_mean": mean, "steps": len(step_times)}
 
 
 def _ray_loop(cfg: dict) -> None:
@@ -116,21 +124,23 @@ def _ray_loop(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     shard = ray.train.get_dataset_shard("train")
     total = cfg["warmup"] + cfg["steps"]
-    i, t0 = 0, None
-    while i < total:
+    times: list[float] = []
+    t = time.perf_counter()
+    while len(times) < total:  # step time includes waiting for the next batch from Ray Data
         for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=PatchCollate("cpu"),
                                               drop_last=True):
-            if i == 0:
+            if not times:
                 t_first = time.time()
-            if i == cfg["warmup"]:
-                t0 = time.perf_counter()
             train_step(model, batch, loss_fn, opt, grad_clip=1.0)
-            i += 1
-            if i >= total:
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+            if len(times) >= total:
                 break
-    dt = time.perf_counter() - t0
-    ray.train.report({"patches_per_s": cfg["steps"] * cfg["batch_size"] * world / dt,
-                      "step_s": dt / cfg["steps"], "first_step_at": t_first})
+    if ctx.get_world_rank() == 0:  # Result.metrics only holds metrics reported with a checkpoint
+        out = dict(_rates(times[cfg["warmup"]:], cfg["batch_size"] * world), first_step_at=t_first)
+        Path(cfg["result_file"]).write_text(json.dumps(out))
+    ray.train.report({"done": 1})
 
 
 def ray_train(cfg: dict, workers: int, cpus: float, threads: int) -> dict:
@@ -142,8 +152,9 @@ def ray_train(cfg: dict, workers: int, cpus: float, threads: int) -> dict:
 
     ds = train_dataset(cfg["patches"]).materialize()
     storage = tempfile.mkdtemp(prefix="bench_train_")
+    result_file = Path(storage) / "result.json"
     trainer = TorchTrainer(
-        _ray_loop, train_loop_config=dict(cfg, threads=threads), datasets={"train": ds},
+        _ray_loop, train_loop_config=dict(cfg, threads=threads, result_file=str(result_file)), datasets={"train": ds},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=f"bench{workers}", storage_path=storage),
     )
@@ -152,16 +163,16 @@ def ray_train(cfg: dict, workers: int, cpus: float, threads: int) -> dict:
     fit_s = time.time() - t_fit
     if result.error:
         raise result.error
-    m = result.metrics
-    return {"patches_per_s": m["patches_per_s"], "step_s": m["step_s"], "startup_s": m["first_step_at"] - t_fit,
-            "fit_s": fit_s, "workers": workers, "cpus_per_worker": cpus, "threads_per_worker": threads}
+    m = json.loads(result_file.read_text())
+    m["startup_s"] = m.pop("first_step_at") - t_fit
+    return dict(m, fit_s=fit_s, workers=workers, cpus_per_worker=cpus, threads_per_worker=threads)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patches", default=str(REPO / "data" / "stats" / "patches"))
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
-    parser.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
+    parser.add_argument("--steps", type=int, default=12, help="measured steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="patches per worker per step")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
