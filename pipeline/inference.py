@@ -134,17 +134,20 @@ class Fuser:
             ir, vi: (B, 1, H, W) float in [0, 1] (vi = visible luma).
 
         Returns:
-            (B, 1, H, W) float in (0, 1), before post-processing.
+            (B, 1, H, W) float in (0, 1) on the CPU, before post-processing (the inputs are moved
+            to the model's device).
         """
         if ir.shape != vi.shape:
             raise ValueError(f"IR {tuple(ir.shape)} and visible {tuple(vi.shape)} sizes differ")
         h, w = ir.shape[-2:]
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
         with torch.inference_mode():
-            x = pad_to_multiple(ir).contiguous(memory_format=fmt)
-            y = pad_to_multiple(vi).contiguous(memory_format=fmt)
+            x = pad_to_multiple(ir.to(device)).contiguous(memory_format=fmt)
+            y = pad_to_multiple(vi.to(device)).contiguous(memory_format=fmt)
             out = self.model(x, y)
-        return out[..., :h, :w].contiguous()
+        return out[..., :h, :w].float().cpu().contiguous()
 
     def fuse_luma(self, ir: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Raw fusion of two ``uint8`` (H, W) images -> float32 (H, W) in (0, 1)."""
