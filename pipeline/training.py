@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -167,7 +167,7 @@ def scaling_config(settings: TrainSettings, cluster_resources: Mapping[str, floa
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimisation pieces (plain PyTorch, usable without Ray: the benchmark's plain loop uses them)
+# Optimisation pieces (plain PyTorch, usable without Ray: the benchmark's plain loop uses them too)
 def build_optimizer(model: Any, settings: TrainSettings):
     """AdamW over the trainable parameters."""
     import torch
@@ -804,24 +804,3 @@ def _best_checkpoint(result: Any, settings: TrainSettings) -> tuple[Any, dict[st
     sign = -1.0 if settings.checkpoint_mode == "min" else 1.0
     return max(scored, key=lambda cm: (sign * float(cm[1][settings.checkpoint_metric]), cm[1].get("epoch", 0)))
 
-
-def plain_train(
-    model: Any, batches: Iterable[Mapping[str, Any]], loss_fn: Any, settings: TrainSettings, total_steps: int,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> int:
-    """Single-process loop with the same optimiser, schedule and step (the benchmark's baseline).
-
-    Returns:
-        Number of steps run.
-    """
-    optimizer = build_optimizer(model, settings)
-    scheduler = build_scheduler(optimizer, settings, total_steps)
-    n = 0
-    for batch in batches:
-        out = train_step(model, batch, loss_fn, optimizer, scheduler, settings.grad_clip)
-        n += 1
-        if on_step is not None:
-            on_step(n, out)
-        if n >= total_steps:
-            break
-    return n

@@ -147,6 +147,15 @@ def _ray_train_worker_pids() -> list[int]:
     return out
 
 
+def _registered_checkpoints(run_dir: Path) -> int:
+    """Checkpoints that Ray Train's checkpoint manager has registered (its snapshot file)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(snapshot.get("checkpoint_results") or [])
+
+
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -156,15 +165,16 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
     out = tmp_path / "out"
     storage = tmp_path / "ray_results" / "faulty"
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(_train, tmp_path, inputs, out, "faulty", epochs=3, num_workers=2, max_failures=2,
+        future = pool.submit(_train, tmp_path, inputs, out, "faulty", epochs=4, num_workers=2, max_failures=2,
                              batch_size=2)
-        _wait(lambda: future.done() or list(storage.glob("checkpoint_*")), 300, "the first checkpoint")
+        _wait(lambda: future.done() or _registered_checkpoints(storage) >= 1, 300, "the first registered checkpoint",
+              step=0.2)
         assert not future.done(), f"training ended before the fault could be injected: {future.exception()}"
-        pids = _wait(_ray_train_worker_pids, 30, "a Ray Train worker process")
+        pids = _wait(_ray_train_worker_pids, 30, "a Ray Train worker process", step=0.2)
         os.kill(pids[-1], signal.SIGKILL)
         summary = future.result(timeout=400)
     final = json.loads((out / "metrics" / "train.json").read_text())
-    assert summary["epochs"] == 3 and final["epochs"] == 3
+    assert summary["epochs"] == 4 and final["epochs"] == 4
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.tags
