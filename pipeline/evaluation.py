@@ -266,26 +266,17 @@ def ship_weights(methods: Mapping[str, str | None]) -> dict[str, tuple[str, Any]
 def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Load a network (our checkpoint or the authors' file) as ``fuser(ir_u8, vi_u8) -> fused_u8``.
 
-    With ``use_gpu`` (and CUDA present) the network runs on the GPU: ``Fuser`` feeds CPU tensors,
-    a thin wrapper moves them to the device and brings the output back.
+    With ``use_gpu`` (and CUDA present) the network is moved to the GPU; ``Fuser`` sends its
+    inputs to the model's device and returns the result on the CPU.
     """
     import torch
 
     from pipeline.inference import Fuser
     from pipeline.weights import load_model
 
-    class OnDevice(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module, device: torch.device) -> None:
-            super().__init__()
-            self.inner = inner.to(device)
-            self.device = device
-
-        def forward(self, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
-            return self.inner(ir.to(self.device), vi.to(self.device)).cpu()
-
     model, info = load_model(weights)
     if use_gpu and torch.cuda.is_available():
-        model = OnDevice(model, torch.device("cuda"))
+        model = model.to("cuda")
     return Fuser(model, postprocess=info.get("postprocess", "clip"))
 
 
