@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -82,7 +81,8 @@ def run_loop(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline import complementary as C
-    from pipeline.patches import SPLITS, crop_shard, plan_crop, plan_shards, write_json
+    from pipeline.files import write_json
+    from pipeline.patches import SPLITS, crop_shard, plan_crop, plan_shards
 
     items, record = plan_crop(reg, crop_cfg)
     patches = out / "patches"

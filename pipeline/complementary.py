@@ -50,9 +50,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -468,20 +466,17 @@ def accumulate_weight_metrics(rows: Any, names: Sequence[str]) -> tuple[dict[str
 
 def write_hist_csv(path: str | Path, hists: Mapping[str, np.ndarray]) -> Path:
     """Write ``bin_centre`` + one count column per histogram (``PLOT_BINS`` bins over [0, 1])."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from pipeline.files import atomic_writer
+
     group = (len(WEIGHT_EDGES) - 1) // PLOT_BINS
     centres = (np.arange(PLOT_BINS) + 0.5) / PLOT_BINS
     coarse = {k: np.asarray(v).reshape(PLOT_BINS, group).sum(axis=1) for k, v in hists.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["bin_centre", *coarse])
         for i, c in enumerate(centres):
             writer.writerow([f"{c:.3f}", *(int(v[i]) for v in coarse.values())])
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def compute_stats(
@@ -510,9 +505,8 @@ def compute_stats(
 
     import ray.data
 
-    from pipeline.patches import (
-        SPLITS, ordered_data_context, replace_dir, staging_dir, write_json,
-    )
+    from pipeline.files import replace_dir, staging_dir, write_json
+    from pipeline.patches import SPLITS, ordered_data_context
 
     patches_dir, out_dir = Path(patches_dir), Path(out_dir)
     split_file = patches_dir / "split.json"

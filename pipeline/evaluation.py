@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.files import write_text_atomic
 from pipeline.images import find_pairs, merge_luma, read_ir, read_visible, split_luma, write_image
 
 log = logging.getLogger(__name__)
@@ -577,19 +577,3 @@ def log_to_run(run_id: str, result: EvalResult) -> None:
         client.log_batch(run_id, metrics=batch[i : i + 900])
     for path in result.paths.values():
         client.log_artifact(run_id, str(path), artifact_path="eval")
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temporary file + rename), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

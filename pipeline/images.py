@@ -17,13 +17,13 @@ Conventions used everywhere in the project:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pipeline.files import write_bytes_atomic
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -206,17 +206,8 @@ def write_image(path: str | Path, img: np.ndarray) -> Path:
     The format follows the suffix of ``path`` (PNG recommended: lossless).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(path.suffix or ".png", img)
     if not ok:
         raise ImageError(path, "OpenCV could not encode the image")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, buf.tobytes())
     return path

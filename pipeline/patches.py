@@ -41,12 +41,9 @@ the cluster size or the task order), so the same params give the same files, row
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -56,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ParamsError, param
+from pipeline.files import replace_dir, staging_dir, write_json
 from pipeline.images import read_ir, read_visible, split_luma
 
 log = logging.getLogger(__name__)
@@ -355,40 +353,6 @@ def split_pairs(
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder to ``final``, replacing what was there only at the end."""
-    final = Path(final)
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / "d")
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def staging_dir(final: str | Path) -> Path:
-    """A new empty temporary folder next to ``final`` (same file system, for ``replace_dir``)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)
-    return tmp
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temporary file + rename), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
 
 
 def shard_name(index: int) -> str:

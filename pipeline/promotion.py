@@ -283,6 +283,6 @@ def _finite(means: Mapping[str, Any]) -> dict[str, float]:
 
 def write_decision(path: str | Path, decision: Decision) -> Path:
     """Write the decision as JSON (atomic)."""
-    from pipeline.evaluation import write_text_atomic
+    from pipeline.files import write_text_atomic
 
     return write_text_atomic(Path(path), json.dumps(decision.to_json(), indent=2) + "\n")

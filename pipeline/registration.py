@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.files import atomic_writer
 from pipeline.images import ImageError, find_pairs, read_ir, read_visible, split_luma, write_image
 
 log = logging.getLogger(__name__)
@@ -539,14 +539,8 @@ def _no_pairs_message(rows: list[dict[str, Any]], ir_dir: str | Path, vi_dir: st
 
 def _write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".parquet", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path, "wb") as fh:
+        pq.write_table(table, fh)
 
 
 def _swap_into_place(staging: Path, out: Path, names: tuple[str, ...]) -> None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from pipeline.files import atomic_writer
 from pipeline.network import build_model
 
 #: ``format`` value of our checkpoints.
@@ -319,18 +318,8 @@ def save_checkpoint(
     state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "name": model_name,
                "args": args, "state_dict": state, "meta": meta}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(path, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -62,7 +62,7 @@ def format_means(df: "pandas.DataFrame") -> str:  # noqa: F821
 
 def run(args: argparse.Namespace) -> int:
     """Score the folder, write the CSV atomically, print the means and what was skipped."""
-    from pipeline.evaluation import write_text_atomic
+    from pipeline.files import write_text_atomic
     from pipeline.metrics import evaluate_folder
 
     if args.output.suffix.lower() != ".csv":

@@ -1,0 +1,89 @@
+"""Atomic file and folder output: a stage that fails never leaves a half-written result behind.
+
+Every writer goes through a temporary file (or folder) next to the target, then ``os.replace``,
+so readers see either the old complete output or the new complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on a clean exit it replaces ``path``.
+
+    Parent folders are created. On an exception the temporary file is removed and ``path`` is
+    left as it was. The new file gets mode 0644 (``mkstemp`` would leave 0600).
+
+    Args:
+        path: final file.
+        mode: ``"wb"`` or ``"w"`` (text; ``newline=""`` etc. go in ``open_kwargs``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_writer(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_writer(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON (trailing newline) atomically; returns ``path``."""
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` atomically; returns ``dst``."""
+    with atomic_writer(dst, "wb") as fh, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, fh)
+    return Path(dst)
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A new empty temporary folder next to ``final`` (same file system, for ``replace_dir``)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Move a finished temporary folder (or file) to ``final``, replacing what was there only at the end."""
+    final = Path(final)
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / "d")
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
