@@ -26,8 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import socket
 import tempfile
 import time
@@ -593,24 +591,10 @@ def _mlflow_run(params: Mapping[str, Any], settings: TrainSettings, run_name: st
     return uri, run.info.run_id
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def _write_curves(client: Any, run_id: str, prefix: str, x: str, path: Path) -> list[str]:
     """Write the MLflow metric histories ``<prefix>/*`` as a CSV (one row per step). Returns the columns."""
+    from pipeline.files import atomic_writer
+
     run = client.get_run(run_id)
     keys = sorted(k for k in run.data.metrics if k.startswith(prefix + "/"))
     rows: dict[int, dict[str, float]] = {}
@@ -618,14 +602,11 @@ def _write_curves(client: Any, run_id: str, prefix: str, x: str, path: Path) -> 
         for m in client.get_metric_history(run_id, key):
             rows.setdefault(int(m.step), {})[key.split("/", 1)[1]] = m.value
     cols = [k.split("/", 1)[1] for k in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow([x, *cols])
         for step in sorted(rows):
             writer.writerow([step, *[rows[step].get(c, "") for c in cols]])
-    os.replace(tmp, path)
     return cols
 
 
@@ -651,6 +632,7 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.config import section
+    from pipeline.files import copy_atomic, write_json
     from pipeline.mlflow_model import log_fusion_model
     from pipeline.network import model_config
     from pipeline.ray_runtime import ray_options, ray_session
@@ -736,7 +718,7 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
 
     best_ckpt, best_metrics = _best_checkpoint(result, settings)
     with best_ckpt.as_directory() as d:
-        _atomic_copy(Path(d) / MODEL_FILE, Path(paths.best_checkpoint))
+        copy_atomic(Path(d) / MODEL_FILE, Path(paths.best_checkpoint))
     best_value = float(best_metrics[settings.checkpoint_metric])
     final = dict(result.metrics or {})
     with mlflow.start_run(run_id=run_id):
@@ -765,8 +747,8 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     metrics_out = {k: float(final[k]) for k in sorted(metric_keys)}
     metrics_out.update({f"best_{settings.checkpoint_metric}": best_value, "epochs": summary["epochs"],
                         "fit_time_s": round(fit_s, 2), "stage_time_s": round(time.perf_counter() - t_start, 2)})
-    _atomic_write_text(Path(paths.metrics_json), json.dumps(metrics_out, indent=2) + "\n")
-    _atomic_write_text(Path(paths.summary_json), json.dumps(summary, indent=2) + "\n")
+    write_json(paths.metrics_json, metrics_out)
+    write_json(paths.summary_json, summary)
     client.set_terminated(run_id, status="FINISHED")
     return summary
 
