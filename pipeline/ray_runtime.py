@@ -40,6 +40,7 @@ def ray_session(
     """
     import ray
 
+    _plain_task_errors()
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
@@ -59,6 +60,18 @@ def ray_session(
         yield ray.cluster_resources()
     finally:
         ray.shutdown()
+
+
+def _plain_task_errors() -> None:
+    """Make Ray Data re-raise a task's own exception (e.g. ``ImageError`` naming the file).
+
+    By default Ray Data wraps exceptions of map functions in ``UserCodeException`` with a long
+    traceback; the stages and the CLI turn ``ValueError``/``FileNotFoundError`` into one-line
+    messages, which needs the original type.
+    """
+    from ray.data import DataContext
+
+    DataContext.get_current().raise_original_map_exception = True
 
 
 def ray_options(params: Mapping[str, Any]) -> dict[str, Any]:
