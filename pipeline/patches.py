@@ -390,11 +390,20 @@ def crop_shard(
 
 
 def ordered_data_context() -> None:
-    """Make Ray Data keep the input order (deterministic rows and shard names)."""
+    """Configure Ray Data for the data stages' one-operator map pipelines.
+
+    - keep the input order (deterministic rows and shard names);
+    - no per-operator resource reservation: by default Ray Data reserves half of the cluster's
+      CPUs for operators other than the running one, which in a single ``from_items -> map``
+      pipeline on a small machine leaves the map with half the cores (measured on 2 cores: 28
+      tasks of 0.2 s CPU took 6.1 s through Ray Data with reservation, 3.1 s without, 2.9 s as
+      plain Ray tasks).
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    ctx.op_resource_reservation_enabled = False
     ctx.enable_progress_bars = False
 
 
