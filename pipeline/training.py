@@ -556,18 +556,40 @@ def data_digest(patches_dir: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
+def code_digest() -> str:
+    """SHA-256 (hex, first 12) of the ``pipeline`` package's source files (names and bytes).
+
+    Part of the default run name, so that a code change starts a new training run instead of
+    resuming (and, if finished, re-using) one trained by other code.
+    """
+    import pipeline
+
+    h = hashlib.sha256()
+    root = Path(pipeline.__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def default_run_name(params: Mapping[str, Any], digest: str) -> str:
-    """``mda-<hash>`` of the model/loss/train sections (run placement keys excluded) and the data."""
+    """``mda-<hash>`` of the model/loss/train sections (run placement keys excluded), the data
+    digest and the code digest (``code_digest``)."""
     from pipeline.config import flatten
 
     relevant = {k: v for k, v in flatten({s: params.get(s) or {} for s in ("model", "loss", "train")}).items()
                 if k not in ("train.run_name", "train.storage_path", "train.experiment")}
-    blob = json.dumps(relevant, sort_keys=True, default=str) + digest
+    blob = json.dumps(relevant, sort_keys=True, default=str) + digest + code_digest()
     return "mda-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def _mlflow_run(params: Mapping[str, Any], settings: TrainSettings, run_name: str, root: Path) -> tuple[str, str]:
-    """Create (or find again, for a resumed run) the MLflow run; log params. Returns (uri, run_id)."""
+def _mlflow_run(params: Mapping[str, Any], settings: TrainSettings, run_name: str, root: Path) -> tuple[str, str, str | None]:
+    """Create (or find again, for a resumed run) the MLflow run; log params.
+
+    Returns:
+        ``(uri, run_id, previous_status)``; ``previous_status`` is the status of a run found again
+        (``"FINISHED"``, ``"FAILED"``, ...) or ``None`` for a new run.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -580,15 +602,15 @@ def _mlflow_run(params: Mapping[str, Any], settings: TrainSettings, run_name: st
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found:
-        run_id = found[0].info.run_id
+        run_id, previous = found[0].info.run_id, found[0].info.status
         client.update_run(run_id, status="RUNNING")
-        return uri, run_id
+        return uri, run_id, previous
     run = client.create_run(exp.experiment_id, run_name=run_name, tags={RUN_TAG: run_name})
     flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_params(flat)
     client.update_run(run.info.run_id, status="RUNNING")
-    return uri, run.info.run_id
+    return uri, run.info.run_id, None
 
 
 def _write_curves(client: Any, run_id: str, prefix: str, x: str, path: Path) -> list[str]:
@@ -628,7 +650,7 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     """
     import mlflow
     from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.config import section
@@ -664,8 +686,12 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     name = run_name or settings.run_name or default_run_name(params, data_digest(paths.patches_dir))
     storage = Path(settings.storage_path)
     storage = storage if storage.is_absolute() else root / storage
-    uri, run_id = _mlflow_run(params, settings, name, root)
+    uri, run_id, previous_status = _mlflow_run(params, settings, name, root)
     client = MlflowClient(tracking_uri=uri)
+    if previous_status == "FINISHED":
+        reused = _reuse_finished_run(client, run_id, name, settings, paths)
+        if reused is not None:
+            return reused
     log.info("training run %s (MLflow run %s at %s), %d steps/epoch", name, run_id, uri, steps_per_epoch)
 
     config = {
@@ -707,14 +733,14 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
                 ),
             )
             t_fit = time.perf_counter()
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as exc:
+                raise RuntimeError(f"training run {name} failed: {_root_cause(exc)}") from exc
             fit_s = time.perf_counter() - t_fit
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-    if result.error is not None:
-        client.set_terminated(run_id, status="FAILED")
-        raise RuntimeError(f"training run {name} failed: {result.error}") from result.error
 
     best_ckpt, best_metrics = _best_checkpoint(result, settings)
     with best_ckpt.as_directory() as d:
@@ -749,8 +775,65 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
                         "fit_time_s": round(fit_s, 2), "stage_time_s": round(time.perf_counter() - t_start, 2)})
     write_json(paths.metrics_json, metrics_out)
     write_json(paths.summary_json, summary)
+    client.log_dict(run_id, {"summary": summary, "metrics": metrics_out}, SUMMARY_ARTIFACT)
     client.set_terminated(run_id, status="FINISHED")
     return summary
+
+
+SUMMARY_ARTIFACT = "train_outputs.json"
+
+
+def _reuse_finished_run(client: Any, run_id: str, name: str, settings: TrainSettings,
+                        paths: TrainPaths) -> dict[str, Any] | None:
+    """Outputs of a run that already finished with the same name (same params, data and code for
+    the default name), instead of resuming it with nothing to train and logging its model twice.
+
+    Returns ``None`` (train: Ray Train resumes from the latest checkpoint) when the run trained
+    fewer than ``train.epochs`` epochs (an explicit ``train.run_name`` whose epochs were raised)
+    or its recorded outputs are gone.
+    """
+    import mlflow
+
+    from pipeline.files import copy_atomic, write_json
+
+    try:
+        recorded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{SUMMARY_ARTIFACT}")
+    except Exception:  # noqa: BLE001 - absent or unreadable: train instead
+        return None
+    summary, metrics = recorded.get("summary") or {}, recorded.get("metrics") or {}
+    checkpoint = Path(str(summary.get("ray_checkpoint", ""))) / MODEL_FILE
+    if int(summary.get("epochs", 0)) < settings.epochs or not checkpoint.is_file():
+        return None
+    log.info("training run %s already finished with these parameters, data and code: reusing its best "
+             "checkpoint and MLflow model %s (choose another train.run_name to train again)",
+             name, summary.get("model_uri"))
+    copy_atomic(checkpoint, Path(paths.best_checkpoint))
+    summary["checkpoint"] = str(paths.best_checkpoint)
+    write_json(paths.metrics_json, metrics)
+    write_json(paths.summary_json, summary)
+    for csv_path, prefix, x in ((paths.loss_csv, "train", "step"), (paths.val_csv, "epoch", "epoch")):
+        _write_curves(client, run_id, prefix, x, Path(csv_path))
+    client.set_terminated(run_id, status="FINISHED")
+    return summary
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost worker error of a failed Ray Train run, as one short line."""
+    cause: BaseException = exc
+    seen = set()
+    while True:
+        inner = getattr(cause, "worker_failures", None)
+        if isinstance(inner, dict) and inner:
+            cause = next(iter(inner.values()))
+        elif isinstance(getattr(cause, "controller_failure", None), BaseException):
+            cause = cause.controller_failure
+        elif cause.__cause__ is not None and id(cause.__cause__) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__
+        else:
+            break
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
 def _worker_runtime_env(params: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -106,6 +106,16 @@ def test_deterministic_resumable_and_tracked_on_mlflow_server(tmp_path, ray_loca
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 0.0), (2, 1.0)]
     assert final["train_loss"] != loss_a
 
+    # the same finished run launched again: its outputs are reused, nothing is trained or logged twice
+    out_c = tmp_path / "c"
+    again = _train(tmp_path, inputs, out_c, "run-a", epochs=2)
+    assert again["run_id"] == first["run_id"] and again["model_uri"] == resumed["model_uri"]
+    assert json.loads((out_c / "metrics" / "train.json").read_text()) == final
+    assert (out_c / "models" / "best.pt").read_bytes() == (out_a / "models" / "best.pt").read_bytes()
+    assert len(MlflowClient(mlflow_server).search_logged_models(
+        experiment_ids=[MlflowClient(mlflow_server).get_run(first["run_id"]).info.experiment_id],
+        filter_string=f"source_run_id = '{first['run_id']}'")) == 2  # epoch-1 model and the resumed run's
+
     # MLflow content: every param, per-step/epoch metrics per loss term, images, VGG source, model
     run = client.get_run(first["run_id"])
     params = tiny_params(tmp_path, epochs=1)

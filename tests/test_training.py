@@ -192,3 +192,23 @@ def test_pyfunc_model_loads_by_uri_and_fuses_gray_and_colour(tmp_path, monkeypat
         raw.predict(None, {"ir": ir[:20], "vi": vi_bgr})
     with pytest.raises(ValueError, match="0-255"):
         raw.predict(None, {"ir": ir.astype(float) * 2, "vi": vi_bgr})
+
+
+def test_code_digest_changes_the_default_run_name(tmp_path, monkeypatch):
+    import pipeline.training as T
+
+    params = tiny_params(tmp_path)
+    name = T.default_run_name(params, "data1")
+    assert name == T.default_run_name(params, "data1") and name != T.default_run_name(params, "data2")
+    monkeypatch.setattr(T, "code_digest", lambda: "other-code")
+    assert T.default_run_name(params, "data1") != name, "a code change must start a new run"
+
+
+def test_failed_run_message_names_the_worker_error():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from pipeline.training import _root_cause
+
+    inner = ValueError("long traceback line\nValueError: data/stats/patches: no full batch")
+    exc = WorkerGroupError("Training failed", {1: inner})
+    assert _root_cause(exc) == "ValueError: ValueError: data/stats/patches: no full batch"
