@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ParamsError, param
 from pipeline.files import replace_dir, staging_dir, write_json
 from pipeline.images import read_ir, read_visible, split_luma
+from pipeline.registration import read_accepted_pairs
 
 log = logging.getLogger(__name__)
 
@@ -237,27 +238,6 @@ def decode_patches(column: Sequence[bytes], size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- pairs and split
 
 
-def read_manifest(registered_dir: str | Path) -> list[dict[str, Any]]:
-    """The accepted pairs of a registered folder: ``[{"pair_id", "height", "width"}]`` sorted by id.
-
-    Raises:
-        FileNotFoundError: no ``manifest.parquet``.
-        ValueError: a required column is missing, or no pair has ``status == "ok"``.
-    """
-    path = Path(registered_dir) / "manifest.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"registered manifest not found: {path} (run the register stage first)")
-    table = pq.read_table(path)
-    missing = [c for c in ("pair_id", "status", "height", "width") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}")
-    rows = [r for r in table.select(["pair_id", "status", "height", "width"]).to_pylist() if r["status"] == "ok"]
-    if not rows:
-        raise ValueError(f"{path}: no pair with status 'ok' (every pair was rejected by the register stage)")
-    out = [{"pair_id": str(r["pair_id"]), "height": int(r["height"]), "width": int(r["width"])} for r in rows]
-    return sorted(out, key=lambda r: r["pair_id"])
-
-
 def read_test_list(path: str | Path) -> list[str]:
     """Pair stems listed in a text file.
 
@@ -414,7 +394,7 @@ def plan_crop(registered_dir: str | Path, cfg: CropConfig) -> tuple[list[dict[st
         ``(items, split_record)``: ``items`` = ``[{"pair_id", "split"}]`` of the pairs at least one
         patch large, sorted by id; ``split_record`` = the content of ``split.json`` (without counts).
     """
-    pairs = read_manifest(registered_dir)
+    pairs = read_accepted_pairs(registered_dir)
     test_ids = read_test_list(cfg.test_list) if cfg.test_list else None
     splits = split_pairs([p["pair_id"] for p in pairs], cfg.fractions, cfg.seed, test_ids)
     split_of = {pid: name for name in SPLITS for pid in splits[name]}
@@ -483,9 +463,3 @@ def crop_dataset(registered_dir: str | Path, out_dir: str | Path, cfg: CropConfi
     log.info("crop: %d patches (%s) from %d pairs -> %s", sum(counts.values()), counts, len(items), out_dir)
     return record
 
-
-def config_dict(cfg: CropConfig) -> dict[str, Any]:
-    """The configuration as a plain dict (for logs and benchmarks)."""
-    out = asdict(cfg)
-    out["fractions"] = dict(cfg.fractions)
-    return out

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,16 +36,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import atomic_writer
+from pipeline.files import atomic_writer, replace_dir, staging_dir, write_json
 from pipeline.images import ImageError, find_pairs, read_ir, read_visible, split_luma, write_image
+from pipeline.register_config import MOTION_NAMES, AlignOptions
 
 log = logging.getLogger(__name__)
 
-MOTIONS: dict[str, int] = {
-    "translation": cv2.MOTION_TRANSLATION,
-    "euclidean": cv2.MOTION_EUCLIDEAN,
-    "affine": cv2.MOTION_AFFINE,
-}
+#: OpenCV ECC motion type of each ``register.motion`` name.
+MOTIONS: dict[str, int] = {name: getattr(cv2, f"MOTION_{name.upper()}") for name in MOTION_NAMES}
 
 #: Columns of ``manifest.parquet``. ``transform`` is the *estimated* 2x3 affine (row-major) mapping
 #: IR pixel coordinates to coordinates of the original visible image (identity when no estimate);
@@ -72,57 +68,11 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
-REASONS = ("missing_partner", "unreadable", "unsupported_format", "size_mismatch", "constant_image", "internal_error")
 _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
 class NoPairsError(ValueError):
     """No pair survived validation (the message lists why)."""
-
-
-@dataclass(frozen=True)
-class AlignOptions:
-    """Settings of the alignment check (the ``register`` section of ``params.yaml``).
-
-    Attributes:
-        motion: ``translation``, ``euclidean`` or ``affine``.
-        max_shift_px: correct a pair when its estimated displacement exceeds this (pixels).
-        max_correction_px: a larger estimated displacement is implausible: recorded as a failure.
-        max_size: longest side of the finest ECC level (pixels); larger images are downscaled.
-        levels: pyramid levels (coarsest side kept >= 64 px).
-        max_iterations: ECC iterations per level.
-        eps: ECC convergence threshold (increment of the correlation coefficient).
-    """
-
-    motion: str = "euclidean"
-    max_shift_px: float = 1.0
-    max_correction_px: float = 40.0
-    max_size: int = 640
-    levels: int = 3
-    max_iterations: int = 100
-    eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.motion not in MOTIONS:
-            raise ValueError(f"register.motion must be one of {list(MOTIONS)}, got {self.motion!r}")
-
-    @classmethod
-    def from_params(cls, cfg: Mapping[str, Any]) -> "AlignOptions":
-        """Read the options from the ``register`` section (missing keys take the defaults)."""
-        from pipeline.config import param
-
-        d = cls()
-        return cls(
-            motion=param(cfg, "motion", str, where="register", default=d.motion, choices=list(MOTIONS)),
-            max_shift_px=param(cfg, "max_shift_px", float, where="register", default=d.max_shift_px, minimum=0.0),
-            max_correction_px=param(
-                cfg, "max_correction_px", float, where="register", default=d.max_correction_px, minimum=0.0
-            ),
-            max_size=param(cfg, "max_size", int, where="register", default=d.max_size, minimum=32),
-            levels=param(cfg, "levels", int, where="register", default=d.levels, minimum=1, maximum=6),
-            max_iterations=param(cfg, "max_iterations", int, where="register", default=d.max_iterations, minimum=1),
-            eps=param(cfg, "eps", float, where="register", default=d.eps, minimum=0.0),
-        )
 
 
 @dataclass(frozen=True)
@@ -453,8 +403,9 @@ def register_dataset(
     """Run the register step on every pair of ``ir_dir`` / ``vi_dir`` with Ray Data.
 
     Ray must be initialised by the caller (``pipeline.ray_runtime.ray_session``). Outputs are built
-    in a staging folder inside ``out_dir`` and moved into place at the end, so an earlier result is
-    replaced only by a complete new one (and kept when no pair survives).
+    in a staging folder beside ``out_dir`` (``pipeline.files.staging_dir``) that replaces it as a
+    whole at the end, so an earlier result is replaced only by a complete new one (and kept when
+    no pair survives or a step fails).
 
     Args:
         ir_dir, vi_dir: folders of IR and visible images paired by stem.
@@ -469,6 +420,7 @@ def register_dataset(
         FileNotFoundError: a folder is missing.
         ValueError: both folders are empty.
         NoPairsError: no pair survived validation.
+        ValueError: ``out_dir`` is a non-empty folder that is not a register output.
     """
     import ray.data
     from tqdm import tqdm
@@ -483,10 +435,12 @@ def register_dataset(
         rows.append(row)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.parquet").is_file():
+        raise ValueError(f"{out}: not empty and not the output of a register step (no manifest.parquet); refusing to replace it")
+    staging = staging_dir(out)
     try:
+        for sub in ("ir", "vi"):
+            (staging / sub).mkdir()
         if pairs:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # our own bar counts pairs
@@ -509,12 +463,11 @@ def register_dataset(
             for r in rows
             if r["status"] != "ok"
         ]
-        (staging / "rejected.json").write_text(json.dumps(rejected, indent=2) + "\n")
-        for sub in ("ir", "vi"):
-            (staging / sub).mkdir(exist_ok=True)
-        _swap_into_place(staging, out, ("ir", "vi", "manifest.parquet", "rejected.json"))
-    finally:
+        write_json(staging / "rejected.json", rejected)
+        replace_dir(staging, out)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
     return summary
 
 
@@ -543,22 +496,29 @@ def _write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
         pq.write_table(table, fh)
 
 
-def _swap_into_place(staging: Path, out: Path, names: tuple[str, ...]) -> None:
-    """Replace ``out/<name>`` by ``staging/<name>`` for each name (renames on one filesystem)."""
-    for name in names:
-        src, dst = staging / name, out / name
-        if dst.is_dir():
-            old = out / f".old-{name}-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(src, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(src, dst)
+def read_accepted_pairs(registered_dir: str | Path) -> list[dict[str, Any]]:
+    """The accepted pairs of a registered folder, from its ``manifest.parquet``.
 
+    Args:
+        registered_dir: output folder of the register step.
 
-def read_manifest(path: str | Path) -> "pa.Table":
-    """Read ``manifest.parquet`` (raises ``FileNotFoundError`` naming the file if absent)."""
-    path = Path(path)
+    Returns:
+        ``[{"pair_id": str, "height": int, "width": int}]`` of the rows with ``status == "ok"``,
+        sorted by ``pair_id``.
+
+    Raises:
+        FileNotFoundError: no ``manifest.parquet``.
+        ValueError: a required column is missing, or no pair has ``status == "ok"``.
+    """
+    path = Path(registered_dir) / "manifest.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    return pq.read_table(path)
+        raise FileNotFoundError(f"registered manifest not found: {path} (run the register stage first)")
+    table = pq.read_table(path)
+    missing = [c for c in ("pair_id", "status", "height", "width") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}")
+    rows = [r for r in table.select(["pair_id", "status", "height", "width"]).to_pylist() if r["status"] == "ok"]
+    if not rows:
+        raise ValueError(f"{path}: no pair with status 'ok' (every pair was rejected by the register stage)")
+    out = [{"pair_id": str(r["pair_id"]), "height": int(r["height"]), "width": int(r["width"])} for r in rows]
+    return sorted(out, key=lambda r: r["pair_id"])

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import shared_dataset, shared_file
 from pipeline.config import ParamsError
+from pipeline.registration import read_accepted_pairs
 from pipeline.patches import (
     PATCH_SCHEMA,
     CropConfig,
@@ -19,7 +20,6 @@ from pipeline.patches import (
     load_registered_pair,
     patch_positions,
     plan_crop,
-    read_manifest,
     read_test_list,
     split_pairs,
 )
@@ -112,13 +112,13 @@ def test_crop_config_validation_names_the_key():
 
 def test_manifest_errors_and_rejected_rows(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.parquet"):
-        read_manifest(tmp_path)
+        read_accepted_pairs(tmp_path)
     img = np.zeros((40, 40), np.uint8)
     write_registered(tmp_path, [("b", img, img), ("a", img, img)], rejected=["c"])
-    assert [r["pair_id"] for r in read_manifest(tmp_path)] == ["a", "b"]
+    assert [r["pair_id"] for r in read_accepted_pairs(tmp_path)] == ["a", "b"]
     write_registered(tmp_path / "none", [], rejected=["c"])
     with pytest.raises(ValueError, match="no pair with status 'ok'"):
-        read_manifest(tmp_path / "none")
+        read_accepted_pairs(tmp_path / "none")
 
 
 def test_plan_skips_pairs_smaller_than_a_patch(tmp_path):

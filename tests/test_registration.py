@@ -151,7 +151,7 @@ def test_each_rejection_reason(tmp_path, ray_local):
     assert "corrupt.png" in rejected["corrupt"]["reason"] and rejected["lonely_ir"]["vi"] is None
     assert sorted(p.name for p in (tmp_path / "out/ir").iterdir()) == ["good.png"]
     assert sorted(p.name for p in (tmp_path / "out/vi").iterdir()) == ["good.png"]
-    assert not list((tmp_path / "out").glob(".staging-*"))
+    assert not list((tmp_path / "out").glob(".*")) and not list(tmp_path.glob(".out.*"))  # no staging left
 
 
 def test_no_survivor_fails_and_keeps_previous_outputs(tmp_path, ray_local):
@@ -214,3 +214,12 @@ def test_real_pairs_and_demo_through_cli_and_stage(tmp_path, ray_local, capsys):
     assert len(list((tmp_path / "stage/ir").iterdir())) == 6
     params.write_text(f"ray: {{}}\nregister:\n  raw_dir: {tmp_path / 'bad'}\n")
     assert stage_main(["--params", str(params), "--out", str(tmp_path / "stage2"), "--no-progress"]) == 1
+
+
+def test_register_refuses_to_replace_a_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a register output")
+    with pytest.raises(ValueError, match="no manifest.parquet"):
+        register_dataset(tmp_path / "ir", tmp_path / "vi", out)
+    assert (out / "notes.txt").read_text() == "not a register output"

@@ -7,7 +7,7 @@ import argparse
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``mda register``."""
-    from pipeline.registration import MOTIONS, AlignOptions
+    from pipeline.register_config import MOTION_NAMES, AlignOptions
 
     d = AlignOptions()
     parser = subparsers.add_parser(
@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--vi", required=True, metavar="DIR", help="folder of visible images (same stems)")
     parser.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     parser.add_argument(
-        "--motion", choices=list(MOTIONS), default=d.motion, help=f"alignment motion model (default: {d.motion})"
+        "--motion", choices=list(MOTION_NAMES), default=d.motion, help=f"alignment motion model (default: {d.motion})"
     )
     parser.add_argument(
         "--max-shift", type=float, default=d.max_shift_px, metavar="PX",
@@ -49,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Run the register step; returns the exit code (1 when no pair survives)."""
     from pipeline.ray_runtime import ray_session
-    from pipeline.registration import AlignOptions, register_dataset
+    from pipeline.register_config import AlignOptions
+    from pipeline.registration import register_dataset
 
     options = AlignOptions(motion=args.motion, max_shift_px=args.max_shift, max_correction_px=args.max_correction)
     with ray_session(address=args.address, num_cpus=args.num_cpus):
