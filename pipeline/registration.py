@@ -425,6 +425,9 @@ def register_dataset(
     import ray.data
     from tqdm import tqdm
 
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.parquet").is_file():
+        raise ValueError(f"{out}: not empty and not the output of a register step (no manifest.parquet); refusing to replace it")
     pairs, unmatched = find_pairs(ir_dir, vi_dir)
     rows: list[dict[str, Any]] = []
     for path, reason in unmatched:
@@ -434,9 +437,6 @@ def register_dataset(
         row["reason"] = f"missing_partner: {reason}"
         rows.append(row)
 
-    out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.parquet").is_file():
-        raise ValueError(f"{out}: not empty and not the output of a register step (no manifest.parquet); refusing to replace it")
     staging = staging_dir(out)
     try:
         for sub in ("ir", "vi"):
