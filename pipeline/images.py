@@ -36,6 +36,10 @@ class ImageError(ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # pickled as (path, reason): Ray ships a task's exception back to the driver
+        return (type(self), (self.path, self.reason))
+
 
 @dataclass(frozen=True)
 class Pair:

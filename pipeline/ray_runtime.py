@@ -42,7 +42,8 @@ def ray_session(
 
     _plain_task_errors()
     if ray.is_initialized():
-        yield ray.cluster_resources()
+        with _original_task_errors():
+            yield ray.cluster_resources()
         return
     target = resolve_address(address)
     kwargs: dict[str, Any] = {"include_dashboard": False}
@@ -57,7 +58,8 @@ def ray_session(
         log.info("starting a local Ray with %d CPUs", cpus)
         ray.init(num_cpus=cpus, **kwargs)
     try:
-        yield ray.cluster_resources()
+        with _original_task_errors():
+            yield ray.cluster_resources()
     finally:
         ray.shutdown()
 
@@ -72,6 +74,26 @@ def _plain_task_errors() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().raise_original_map_exception = True
+
+
+@contextmanager
+def _original_task_errors() -> Iterator[None]:
+    """Re-raise the user-facing error of a failed Ray task as itself.
+
+    A task's exception reaches the driver as ``RayTaskError(<its type>)`` whose message is the whole
+    remote traceback (already in Ray's log); ``ValueError``/``OSError`` (``ImageError``,
+    ``ParamsError``, ``FileNotFoundError``...) are re-raised plain, so the stages and the CLI print
+    one line naming the file.
+    """
+    from ray.exceptions import RayTaskError
+
+    try:
+        yield
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, (ValueError, OSError)):
+            raise cause from None
+        raise
 
 
 def ray_options(params: Mapping[str, Any]) -> dict[str, Any]:
