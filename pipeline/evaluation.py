@@ -15,13 +15,17 @@ so ``mda evaluate`` on the written ``fused/<method>/`` folders gives the same nu
 
 Outputs (under ``out_dir``): ``per_image.csv`` (``method,name,<metrics>``), ``table.md`` (means
 per method, best value per metric in bold), ``grid.png`` (IR | visible | baselines | ours for a
-few pairs), ``fused/<method>/<name>.png``; and the means per method as JSON (the DVC metrics file).
+few pairs), ``fused/<method>/<name>.png``, ``test_set.json`` (the evaluated pairs and their digest,
+which the ``promote`` stage uses to compare like with like); and the means per method as JSON (the
+DVC metrics file). The report folder is built beside ``out_dir`` and replaces it only when complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.files import write_text_atomic
+from pipeline.files import replace_dir, staging_dir, write_json, write_text_atomic
 from pipeline.images import find_pairs, merge_luma, read_ir, read_visible, split_luma, write_image
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,8 @@ log = logging.getLogger(__name__)
 METHOD_ORDER: tuple[str, ...] = ("average", "maximum", "official", "ours")
 #: Methods that need no weights.
 PIXEL_METHODS: tuple[str, ...] = ("average", "maximum")
-#: Metrics where lower is better (none of the eleven standard ones; kept for the table's bolding).
-LOWER_IS_BETTER: frozenset[str] = frozenset()
+#: File under the report folder that identifies the evaluated test set (see ``test_set_record``).
+TEST_SET_FILE = "test_set.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,8 +115,8 @@ class EvalResult:
 # Inputs
 
 
-def load_test_pairs(registered_dir: str | Path, split_path: str | Path, max_pairs: int | None = None) -> list[dict[str, Any]]:
-    """Read the whole registered images of the ``test`` split as rows for Ray Data.
+def list_test_pairs(registered_dir: str | Path, split_path: str | Path, max_pairs: int | None = None) -> list[dict[str, str]]:
+    """The registered image files of the ``test`` split (paths only: nothing is read here).
 
     Args:
         registered_dir: output of the ``register`` stage (``ir/`` and ``vi/``).
@@ -120,8 +124,7 @@ def load_test_pairs(registered_dir: str | Path, split_path: str | Path, max_pair
         max_pairs: keep only the first N pairs by id.
 
     Returns:
-        Rows sorted by name: ``name`` str, ``ir`` / ``vi`` raw ``uint8`` bytes, ``h``, ``w``,
-        ``c`` (visible channels: 1 or 3).
+        Rows sorted by name: ``name``, ``ir`` and ``vi`` (file paths).
 
     Raises:
         FileNotFoundError: a file or folder is missing, or a test pair has no registered images.
@@ -145,25 +148,35 @@ def load_test_pairs(registered_dir: str | Path, split_path: str | Path, max_pair
     if missing:
         raise FileNotFoundError(f"{registered_dir}: no registered IR/visible images for test pairs {missing[:5]}")
     names = sorted(test)[: max_pairs or None]
-    rows = []
-    for name in names:
-        ir = read_ir(by_stem[name].ir)
-        vi = read_visible(by_stem[name].vi)
-        if vi.shape[:2] != ir.shape:
-            raise ValueError(f"{by_stem[name].vi}: size {vi.shape[:2]} differs from its IR image {ir.shape}")
-        rows.append(_pack(name, ir, vi))
-    return rows
+    return [{"name": n, "ir": str(by_stem[n].ir), "vi": str(by_stem[n].vi)} for n in names]
 
 
-def _pack(name: str, ir: np.ndarray, vi: np.ndarray) -> dict[str, Any]:
-    return {
-        "name": name,
-        "ir": ir.tobytes(),
-        "vi": vi.tobytes(),
-        "h": ir.shape[0],
-        "w": ir.shape[1],
-        "c": 1 if vi.ndim == 2 else vi.shape[2],
-    }
+def test_set_record(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """Identify an evaluated test set: ``{"digest", "pairs"}``.
+
+    ``digest`` is the SHA-256 of the sorted pair ids with the names and byte sizes of their
+    registered image files: two evaluations with the same digest scored the same pairs (a
+    re-registration that changes a file's size changes it too), so their means can be compared.
+    """
+    entries = sorted(
+        [r["name"], Path(r["ir"]).name, Path(r["ir"]).stat().st_size, Path(r["vi"]).name, Path(r["vi"]).stat().st_size]
+        for r in rows
+    )
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"digest": digest, "pairs": [e[0] for e in entries]}
+
+
+def read_test_pair(ir_path: str | Path, vi_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a registered pair: ``uint8`` IR (H, W) and visible (H, W, 3) BGR or (H, W).
+
+    Raises:
+        pipeline.images.ImageError: a file is missing or unreadable (the message names it).
+        ValueError: the two images differ in size.
+    """
+    ir, vi = read_ir(ir_path), read_visible(vi_path)
+    if vi.shape[:2] != ir.shape:
+        raise ValueError(f"{vi_path}: size {vi.shape[:2]} differs from its IR image {ir.shape}")
+    return ir, vi
 
 
 def _unpack(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
@@ -234,19 +247,26 @@ class FuseBatch:
                         raise ValueError(str(exc).replace(str(local), name)) from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One output row per (input pair, method): the pair's columns plus ``method``, ``fused``."""
-        out: dict[str, list[Any]] = {k: [] for k in (*batch, "method", "fused")}
-        for i in range(len(batch["name"])):
-            h, w, c = int(batch["h"][i]), int(batch["w"][i]), int(batch["c"][i])
-            ir = _unpack(batch["ir"][i], h, w, 1)
-            vi = _unpack(batch["vi"][i], h, w, c)
+        """Read each pair of the batch (``name``, ``ir``/``vi`` paths) and fuse it with every method.
+
+        Returns:
+            One row per (pair, method): ``name``, ``method``, ``h``, ``w``, ``c`` (visible
+            channels) and the raw ``uint8`` bytes of ``ir``, ``vi`` and ``fused``.
+        """
+        out: dict[str, list[Any]] = {k: [] for k in ("name", "method", "h", "w", "c", "ir", "vi", "fused")}
+        for name, ir_path, vi_path in zip(batch["name"], batch["ir"], batch["vi"]):
+            ir, vi = read_test_pair(str(ir_path), str(vi_path))
             for method, fn in self.fns.items():
                 fused = np.ascontiguousarray(fn(ir, vi), dtype=np.uint8)
                 if fused.shape != vi.shape:
                     raise ValueError(f"{method}: fused shape {fused.shape} differs from visible {vi.shape}")
-                for key in batch:
-                    out[key].append(batch[key][i])
+                out["name"].append(str(name))
                 out["method"].append(method)
+                out["h"].append(ir.shape[0])
+                out["w"].append(ir.shape[1])
+                out["c"].append(1 if vi.ndim == 2 else vi.shape[2])
+                out["ir"].append(ir.tobytes())
+                out["vi"].append(vi.tobytes())
                 out["fused"].append(fused.tobytes())
         return {k: np.array(v, dtype=object) if k in ("ir", "vi", "fused") else np.array(v) for k, v in out.items()}
 
@@ -304,11 +324,12 @@ def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def fuse_and_score(
-    rows: list[dict[str, Any]], methods: Mapping[str, str | None], cfg: EvalConfig, use_gpu: bool
+    rows: list[dict[str, str]], methods: Mapping[str, str | None], cfg: EvalConfig, use_gpu: bool
 ) -> Iterator[dict[str, Any]]:
     """Fuse every pair with every method and score it, as one streaming Ray Data pipeline.
 
-    ``FuseBatch`` runs in ``cfg.concurrency`` actors (one GPU each with ``use_gpu``) and emits one
+    ``rows`` hold file paths (``list_test_pairs``): the images are read inside the actors, so the
+    driver never holds the dataset. ``FuseBatch`` runs in ``cfg.concurrency`` actors (one GPU each with ``use_gpu``) and emits one
     row per (pair, method); the metrics run as parallel tasks.
 
     Yields:
@@ -373,7 +394,8 @@ def evaluate(
         checkpoint: our trained checkpoint (``models/best.pt``).
         registered_dir: registered images (``data/registered``).
         split_path: ``data/patches/split.json``.
-        out_dir: folder for ``per_image.csv``, ``table.md``, ``grid.png``, ``fused/``.
+        out_dir: folder for ``per_image.csv``, ``table.md``, ``grid.png``, ``test_set.json``,
+            ``fused/`` (replaced as a whole once complete).
         metrics_path: JSON of the means per method (``metrics/eval.json``).
         cfg: the ``evaluate`` parameters.
 
@@ -386,36 +408,45 @@ def evaluate(
     from pipeline.weights import load_model
 
     methods, skipped = resolve_methods(checkpoint, cfg.official_weights)
-    rows = load_test_pairs(registered_dir, split_path, cfg.max_pairs)
+    rows = list_test_pairs(registered_dir, split_path, cfg.max_pairs)
     for path in filter(None, methods.values()):
         load_model(path)  # fail here, naming the file, rather than inside a Ray actor
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     log.info("evaluating %d test pairs with %s (GPU: %s)", len(rows), ", ".join(methods), use_gpu)
 
     out_dir = Path(out_dir)
-    per_image: list[dict[str, Any]] = []
-    grid_names = set(sorted(r["name"] for r in rows)[: cfg.grid_pairs])
-    fused_images: dict[str, dict[str, np.ndarray]] = {}
-    for r in fuse_and_score(rows, methods, cfg, use_gpu):
-        method, name = str(r["method"]), str(r["name"])
-        img = _unpack(r["fused"], int(r["h"]), int(r["w"]), int(r["c"]))
-        write_image(out_dir / "fused" / method / f"{name}.png", img)
-        if name in grid_names:
-            fused_images.setdefault(method, {})[name] = img
-        per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
-    order = {m: i for i, m in enumerate(methods)}
-    per_image.sort(key=lambda r: (order[r["method"]], r["name"]))
+    tmp = staging_dir(out_dir)
+    try:
+        per_image: list[dict[str, Any]] = []
+        grid_names = {r["name"] for r in rows[: cfg.grid_pairs]}  # rows are sorted by name
+        fused_images: dict[str, dict[str, np.ndarray]] = {}
+        for r in fuse_and_score(rows, methods, cfg, use_gpu):
+            method, name = str(r["method"]), str(r["name"])
+            img = _unpack(r["fused"], int(r["h"]), int(r["w"]), int(r["c"]))
+            write_image(tmp / "fused" / method / f"{name}.png", img)
+            if name in grid_names:
+                fused_images.setdefault(method, {})[name] = img
+            per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
+        order = {m: i for i, m in enumerate(methods)}
+        per_image.sort(key=lambda r: (order[r["method"]], r["name"]))
 
-    means = mean_per_method(per_image, METRICS)
-    result = EvalResult(per_image=per_image, means=means, skipped=skipped)
-    result.paths["per_image"] = write_per_image_csv(out_dir / "per_image.csv", per_image, METRICS)
+        means = mean_per_method(per_image, METRICS)
+        result = EvalResult(per_image=per_image, means=means, skipped=skipped)
+        written = {
+            "per_image": write_per_image_csv(tmp / "per_image.csv", per_image, METRICS),
+            "table": write_text_atomic(tmp / "table.md", markdown_table(means, METRICS, len(rows), skipped)),
+            "test_set": write_json(tmp / TEST_SET_FILE, test_set_record(rows)),
+        }
+        sources = {r["name"]: read_test_pair(r["ir"], r["vi"]) for r in rows if r["name"] in grid_names}
+        grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
+        if grid is not None:
+            written["grid"] = write_image(tmp / "grid.png", grid)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.paths = {key: out_dir / path.relative_to(tmp) for key, path in written.items()}
     result.paths["metrics"] = write_text_atomic(Path(metrics_path), json.dumps(means_for_json(means), indent=2) + "\n")
-    result.paths["table"] = write_text_atomic(out_dir / "table.md", markdown_table(means, METRICS, len(rows), skipped))
-    sources = {r["name"]: (_unpack(r["ir"], r["h"], r["w"], 1), _unpack(r["vi"], r["h"], r["w"], r["c"]))
-               for r in rows if r["name"] in grid_names}
-    grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
-    if grid is not None:
-        result.paths["grid"] = write_image(out_dir / "grid.png", grid)
     return result
 
 
@@ -453,7 +484,7 @@ def markdown_table(
     best: dict[str, float] = {}
     for m in metrics:
         vals = [v[m] for v in means.values() if v[m] is not None and np.isfinite(v[m])]
-        best[m] = (min(vals) if m in LOWER_IS_BETTER else max(vals)) if vals else float("nan")
+        best[m] = max(vals) if vals else float("nan")  # higher is better for every metric
     head = "| method | " + " | ".join(metrics) + " |"
     sep = "|---|" + "---:|" * len(metrics)
     lines = []
@@ -526,29 +557,7 @@ def _letterbox(img: np.ndarray, th: int, tw: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Hand-off files and MLflow
-
-
-def read_train_info(path: str | Path) -> dict[str, Any]:
-    """Read ``models/train.json`` (``run_id``, ``model_uri``, ``checkpoint``, ...).
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: not JSON, or a required key is missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training summary not found: {path} (run the train stage)")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key in ("run_id", "model_uri", "checkpoint"):
-        if not info.get(key):
-            raise ValueError(f"{path}: missing '{key}'")
-    return info
+# MLflow
 
 
 def log_to_run(run_id: str, result: EvalResult) -> None:

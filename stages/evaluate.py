@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pipeline.evaluation import EvalConfig, evaluate, log_to_run, read_train_info
+        from pipeline.evaluation import EvalConfig, evaluate, log_to_run
         from pipeline.ray_runtime import ray_options, ray_session
+        from pipeline.registry import read_train_info
         from pipeline.tracking import configure_mlflow
 
         params = load_params(args.params)

@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pipeline.evaluation import read_train_info
         from pipeline.promotion import PromoteConfig, promote, read_eval_means, write_decision
+        from pipeline.registry import read_train_info
         from pipeline.tracking import configure_mlflow
 
         cfg = PromoteConfig.from_params(section(load_params(args.params), "promote"))

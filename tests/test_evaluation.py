@@ -53,7 +53,7 @@ def tiny_project(tmp_path):
     return tmp_path
 
 
-def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch):
+def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys):
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
@@ -116,6 +116,23 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch):
     artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "eval")}
     assert {"eval/per_image.csv", "eval/table.md", "eval/grid.png", "eval/eval.json"} <= artifacts
 
+    # the evaluated test set is identified (promote compares like with like)
+    test_set = json.loads((out / "test_set.json").read_text())
+    assert test_set["pairs"] == ["p1", "p2", "p3"] and len(test_set["digest"]) == 64
+    assert not [p for p in root.iterdir() if p.name.startswith(".eval.")]  # no staging folder left
+
+    # a corrupt registered image: one clear line naming the file, exit 1, the old report kept
+    (root / "registered" / "ir" / "p2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    capsys.readouterr()
+    rc = main(["--params", str(root / "params.yaml"), "--train-info", str(root / "train.json"),
+               "--registered", str(root / "registered"), "--split", str(root / "split.json"),
+               "--out", str(out), "--metrics", str(metrics)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("evaluate: error: ") and "p2.png" in err[-1] and "cannot decode" in err[-1]
+    assert "Traceback" not in err[-1] and "RayTaskError" not in err[-1]
+    assert pd.read_csv(out / "per_image.csv").equals(df) and json.loads(metrics.read_text()) == means
+    assert not [p for p in root.iterdir() if p.name.startswith(".eval.")]
+
 
 def test_official_baseline_scored_when_present(tiny_project, ray_local):
     from pipeline.evaluation import evaluate
@@ -130,7 +147,8 @@ def test_official_baseline_scored_when_present(tiny_project, ray_local):
 
 
 def test_bad_inputs_are_clear_errors(tiny_project):
-    from pipeline.evaluation import evaluate, load_test_pairs, read_train_info
+    from pipeline.evaluation import evaluate, list_test_pairs
+    from pipeline.registry import read_train_info
 
     root = tiny_project
     with pytest.raises(FileNotFoundError, match="trained checkpoint not found: .*nope.pt"):
@@ -144,10 +162,10 @@ def test_bad_inputs_are_clear_errors(tiny_project):
     assert not (root / "eval").exists() and not (root / "m.json").exists()
     (root / "split.json").write_text(json.dumps({"test": ["p1", "zz"]}))
     with pytest.raises(FileNotFoundError, match=r"no registered IR/visible images for test pairs \['zz'\]"):
-        load_test_pairs(root / "registered", root / "split.json")
+        list_test_pairs(root / "registered", root / "split.json")
     (root / "split.json").write_text(json.dumps({"test": []}))
     with pytest.raises(ValueError, match="test split is empty"):
-        load_test_pairs(root / "registered", root / "split.json")
+        list_test_pairs(root / "registered", root / "split.json")
     (root / "train.json").write_text(json.dumps({"run_id": "r"}))
     with pytest.raises(ValueError, match="train.json: missing 'model_uri'"):
         read_train_info(root / "train.json")
