@@ -6,9 +6,11 @@ Rule (parameters from the ``promote`` section of ``params.yaml``):
    version of the registered model ``promote.model_name``, with its test means as version tags
    ``eval.<metric>``. A version already registered from the same run and model is reused, so a
    second run for the same model creates no second version and changes nothing.
-2. Reference: the current ``@champion`` (its ``eval.<metric>`` tags); without a champion, the
-   pixel-average baseline of the same evaluation (``metrics/eval.json``), so the very first
-   model is only promoted when it beats a method without any learning.
+2. Reference: the current ``@champion`` (its ``eval.<metric>`` tags) when it was evaluated on the
+   same test set (tag ``test_set.digest``, from ``eval/test_set.json``); without a champion, or
+   with a champion scored on another test set (whose means cannot be compared with ours), the
+   pixel-average baseline of the same evaluation (``metrics/eval.json``), so a model is never
+   promoted without beating a method without any learning on its own test set.
 3. The version passes when it is strictly better than the reference on ``promote.primary`` (by
    more than ``promote.min_improvement``) and not worse on each gate metric by more than its
    tolerance (``promote.gates: {metric: tolerance}``). A reference without a value for a compared
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,9 +41,14 @@ TAG_REASONS = "promotion.reasons"
 TAG_COMPARED = "promotion.compared_with"
 TAG_SOURCE = "source_model_uri"
 TAG_RUN = "train_run_id"
+TAG_TEST_SET = "test_set.digest"
 EVAL_TAG_PREFIX = "eval."
 #: The method of ``metrics/eval.json`` that holds the trained model's means.
 OURS = "ours"
+#: Registered model names accepted (they go into MLflow search filters).
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: MLflow run ids (hex, or letters/digits/-/_ in other stores).
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,11 @@ class PromoteConfig:
         for metric in gates:
             clean[str(metric)] = param(gates, str(metric), float, where=f"{w}.gates", minimum=0.0)
         name = param(cfg, "model_name", str, where=w, default="mda-fusion")
-        if not name.strip():
-            raise ParamsError("params: 'promote.model_name' must not be empty")
+        if not MODEL_NAME_RE.fullmatch(name):
+            raise ParamsError(
+                f"params: 'promote.model_name' must be 1-128 letters, digits, '.', '_' or '-' "
+                f"(starting with a letter or digit), got {name!r}"
+            )
         return cls(
             model_name=name,
             primary=param(cfg, "primary", str, where=w, default="VIF"),
@@ -171,6 +182,24 @@ def read_eval_means(path: str | Path) -> dict[str, dict[str, float]]:
     return means
 
 
+def read_test_set_digest(path: str | Path) -> str:
+    """Read the digest of the evaluated test set from ``eval/test_set.json`` (evaluate stage).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not JSON or no ``digest``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"test-set record not found: {path} (run the evaluate stage)")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("digest"), str) or not record["digest"]:
+        raise ValueError(f"{path}: expected an object with a 'digest' string")
+    return record["digest"]
+
+
 def find_version(client: Any, name: str, run_id: str, model_uri: str) -> Any | None:
     """The version of ``name`` registered from ``model_uri`` of run ``run_id``, or ``None``."""
     from mlflow.exceptions import MlflowException
@@ -207,7 +236,12 @@ def version_metrics(version: Any) -> dict[str, float]:
     return out
 
 
-def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str, float]], cfg: PromoteConfig) -> Decision:
+def promote(
+    train_info: Mapping[str, Any],
+    eval_means: Mapping[str, Mapping[str, float]],
+    cfg: PromoteConfig,
+    test_set: str | None = None,
+) -> Decision:
     """Register the trained model and decide ``champion`` / ``challenger`` (see module docstring).
 
     Uses the MLflow store configured in this process (``pipeline.tracking.configure_mlflow``).
@@ -216,6 +250,9 @@ def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str,
         train_info: ``models/train.json`` (``run_id``, ``model_uri``).
         eval_means: ``metrics/eval.json`` (``{"ours": {...}, "average": {...}, ...}``).
         cfg: the ``promote`` parameters.
+        test_set: digest of the test set the means come from (``read_test_set_digest``); the
+            champion is the reference only when its recorded digest is the same (both ``None``
+            counts as the same, for stores without digests).
 
     Returns:
         The decision (``created`` is False when the version already existed and was decided).
@@ -227,6 +264,10 @@ def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str,
     run_id, model_uri = str(train_info.get("run_id") or ""), str(train_info.get("model_uri") or "")
     if not run_id or not model_uri:
         raise ValueError("training summary lacks 'run_id' or 'model_uri'")
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise ValueError(f"training summary: 'run_id' {run_id!r} is not an MLflow run id")
+    if not MODEL_NAME_RE.fullmatch(cfg.model_name):
+        raise ValueError(f"promote.model_name {cfg.model_name!r}: only letters, digits, '.', '_' and '-' are allowed")
     for metric in cfg.compared_metrics():
         if metric not in eval_means[OURS]:
             raise ValueError(f"metric '{metric}' (promote.primary/gates) is not in the evaluation means {sorted(eval_means[OURS])}")
@@ -246,6 +287,8 @@ def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str,
     if created:
         tags = {f"{EVAL_TAG_PREFIX}{m}": f"{v:.6f}" for m, v in ours.items()}
         tags.update({TAG_SOURCE: model_uri, TAG_RUN: run_id})
+        if test_set:
+            tags[TAG_TEST_SET] = test_set
         try:
             version = mlflow.register_model(model_uri, name, tags=tags)
         except MlflowException as exc:
@@ -257,15 +300,23 @@ def promote(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str,
     champ = champion_version(client, name)
     if champ is not None and str(champ.version) == vnum:
         passed, reasons, ref_name, reference = True, ["already the champion"], f"version {vnum}", ours
-    elif champ is not None:
+    elif champ is not None and (champ.tags or {}).get(TAG_TEST_SET) == test_set:
         ref_name, reference = f"champion v{champ.version}", version_metrics(champ)
         passed, reasons = compare(ours, reference, cfg, ref_name)
     else:
         if cfg.baseline not in eval_means:
-            raise ValueError(f"no champion yet and no '{cfg.baseline}' baseline in the evaluation means (promote.baseline)")
+            raise ValueError(f"no comparable champion and no '{cfg.baseline}' baseline in the evaluation means (promote.baseline)")
         ref_name, reference = f"baseline {cfg.baseline}", _finite(eval_means[cfg.baseline])
         passed, reasons = compare(ours, reference, cfg, ref_name)
-        reasons.insert(0, "no champion yet: compared with the pixel baseline")
+        if champ is None:
+            reasons.insert(0, "no champion yet: compared with the pixel baseline")
+        else:
+            theirs = (champ.tags or {}).get(TAG_TEST_SET) or "none recorded"
+            reasons.insert(
+                0,
+                f"champion v{champ.version} was evaluated on another test set (digest {theirs[:12]} vs "
+                f"{(test_set or 'none')[:12]}): not comparable, compared with the {cfg.baseline} baseline of this evaluation",
+            )
 
     decision = CHAMPION if passed else CHALLENGER
     client.set_registered_model_alias(name, decision, vnum)

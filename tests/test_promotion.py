@@ -61,6 +61,9 @@ def test_params_validation_names_the_key():
         PromoteConfig.from_params({"gates": {"Qabf": -0.1}})
     with pytest.raises(ParamsError, match=r"promote\.gates\.SSIM"):
         PromoteConfig.from_params({"gates": {"SSIM": "loose"}})
+    for bad in ("", "a' or name != '", "two words"):
+        with pytest.raises(ParamsError, match=r"promote\.model_name"):
+            PromoteConfig.from_params({"model_name": bad})
     cfg = PromoteConfig.from_params({"model_name": "x", "primary": "Qabf", "gates": {"VIF": 0}})
     assert cfg.compared_metrics() == ["Qabf", "VIF"] and cfg.gates == {"VIF": 0.0}
 
@@ -122,6 +125,24 @@ def test_gate_both_ways_moves_aliases(mlflow_store, logged_models):
     assert _aliases("gated") == {CHAMPION: "2", CHALLENGER: "3"}
     reasons = client.get_model_version("gated", "3").tags[TAG_REASONS]
     assert "Qabf (gate): 0.3450 fails >= champion v2 0.3950 - 0.01" in reasons
+
+
+def test_champion_from_another_test_set_is_not_the_reference(mlflow_store, logged_models):
+    from mlflow import MlflowClient
+
+    from pipeline.promotion import TAG_TEST_SET
+
+    cfg = _cfg("sets")
+    d1 = promote(logged_models[0], _eval(_means(0.90, 0.60, 1.40)), cfg, test_set="a" * 64)
+    assert d1.decision == CHAMPION
+    assert MlflowClient().get_model_version("sets", "1").tags[TAG_TEST_SET] == "a" * 64
+    # worse than v1's numbers, but those come from another test set: the baseline decides
+    d2 = promote(logged_models[1], _eval(_means(0.65, 0.40, 1.25)), cfg, test_set="b" * 64)
+    assert d2.decision == CHAMPION and d2.compared_with == "baseline average"
+    assert "champion v1 was evaluated on another test set" in d2.reasons[0] and d2.reference["VIF"] == pytest.approx(0.50)
+    # same test set as the new champion: compared with it, and VIF is not better
+    d3 = promote(logged_models[2], _eval(_means(0.64, 0.40, 1.25)), cfg, test_set="b" * 64)
+    assert d3.decision == CHALLENGER and d3.compared_with == "champion v2"
 
 
 def test_promote_twice_for_the_same_model_creates_no_second_version(mlflow_store, logged_models, tmp_path):
