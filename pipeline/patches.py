@@ -21,7 +21,7 @@ Output folder (``crop`` stage), written atomically (a temporary sibling folder r
   ============ ======== =====================================================================
 
   Decode a patch with ``np.frombuffer(row["ir"], np.uint8).reshape(S, S)``.
-- ``split.json``: ``{"seed", "fractions", "test_list", "train": [ids], "val": [ids],
+- ``split.json``: ``{"seed", "fractions", "test_list", "test_list_sha256", "train": [ids], "val": [ids],
   "test": [ids], "no_patches": {id: reason}, "counts": {...}}``.
 
 Patch positions: a grid with step ``stride`` from the top-left corner; when the last step does not
@@ -41,6 +41,7 @@ the cluster size or the task order), so the same params give the same files, row
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -411,6 +412,8 @@ def plan_crop(registered_dir: str | Path, cfg: CropConfig) -> tuple[list[dict[st
         "seed": cfg.seed,
         "fractions": dict(cfg.fractions),
         "test_list": cfg.test_list,
+        # DVC cannot depend on a file named by a parameter: record its content so a change shows
+        "test_list_sha256": hashlib.sha256(Path(cfg.test_list).read_bytes()).hexdigest() if cfg.test_list else None,
         **splits,
         "no_patches": no_patches,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -162,3 +163,25 @@ def test_crop_dataset_on_real_pairs_is_deterministic(tmp_path, ray_local):
     for k, (py, px) in enumerate(expected):
         assert np.array_equal(patches_ir[k], ir[py : py + 96, px : px + 96])
         assert np.array_equal(patches_vi[k], y[py : py + 96, px : px + 96])
+
+
+def test_crop_stage_corrupt_registered_image_is_one_clear_line(tmp_path, ray_local, capsys):
+    from stages.crop import main
+
+    rng = np.random.default_rng(0)
+    pairs = [(f"p{i}", rng.integers(0, 255, (40, 40), np.uint8), rng.integers(0, 255, (40, 40), np.uint8)) for i in range(4)]
+    reg = write_registered(tmp_path / "registered", pairs)
+    (tmp_path / "test.txt").write_text("# pinned\np3\n")
+    (tmp_path / "params.yaml").write_text(f"crop:\n  patch_size: 32\n  stride: 32\n  test_list: {tmp_path / 'test.txt'}\n")
+    argv = ["--params", str(tmp_path / "params.yaml"), "--registered", str(reg), "--out", str(tmp_path / "patches")]
+    assert main(argv) == 0
+    split = json.loads((tmp_path / "patches" / "split.json").read_text())
+    assert split["test"] == ["p3"] and split["test_list_sha256"] == hashlib.sha256(b"# pinned\np3\n").hexdigest()
+    before = sorted(p.name for p in (tmp_path / "patches").iterdir())
+
+    (reg / "vi" / "p1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    capsys.readouterr()
+    assert main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("crop: error: ") and "p1.png" in last and "cannot decode" in last and "RayTaskError" not in last
+    assert sorted(p.name for p in (tmp_path / "patches").iterdir()) == before  # the old output is kept
