@@ -83,13 +83,13 @@ def plain(cfg: dict) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.train_data import PATCH_COLUMNS, decode_patches
+    from pipeline.train_data import decode_patches, patch_columns
     from pipeline.training import train_step
 
     torch.set_num_threads(cfg["threads"])
     t_start = time.perf_counter()
-    table = pq.read_table(cfg["patches"], columns=list(PATCH_COLUMNS) + ["split"])
-    table = table.filter(pc.equal(table["split"], "train")).select(list(PATCH_COLUMNS))
+    table = pq.read_table(cfg["patches"], columns=list(patch_columns()) + ["split"])
+    table = table.filter(pc.equal(table["split"], "train")).select(list(patch_columns()))
     model, loss_fn, opt = _setup(cfg)
     b, total = cfg["batch_size"], cfg["warmup"] + cfg["steps"]
     startup = time.perf_counter() - t_start

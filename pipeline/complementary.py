@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 STAT_NAMES: tuple[str, ...] = ("entropy", "std", "grad_energy", "avg_grad")
 MODALITIES: tuple[str, ...] = ("ir", "vi")
+#: The adaptive weights, one pair per kind (each pair sums to 1): the keys of every weights dict
+#: (``pipeline.losses``, ``pipeline.train_data``) and, prefixed ``w_``/``img_w_``, the stats columns.
 WEIGHT_NAMES: tuple[str, ...] = ("int_ir", "int_vi", "det_ir", "det_vi")
 #: Edges of the histogram of |IR - VIS| used for the streaming median: [0, 1e-6, ..., 1e8].
 DIFF_EDGES = np.concatenate([[0.0], np.logspace(-6, 8, 1401)])

@@ -60,10 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# keys of the per-sample weights dict (defined once, by the producer of the weights)
+from pipeline.complementary import WEIGHT_NAMES as WEIGHT_KEYS
 from pipeline.config import param
 
-#: keys of the per-sample weights dict
-WEIGHT_KEYS: tuple[str, ...] = ("int_ir", "int_vi", "det_ir", "det_vi")
 #: fusion point k of the model -> (index into features["ir"], index into features["vi"])
 FUSION_PAIRS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (1, 1), (2, 1), (2, 2))
 SSIM_WINDOW = 11

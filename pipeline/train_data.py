@@ -16,9 +16,28 @@ from typing import Any, Mapping
 
 import numpy as np
 
-# Columns that training reads from the stats stage's patch table (see the team contract).
-WEIGHT_KEYS: tuple[str, ...] = ("int_ir", "int_vi", "det_ir", "det_vi")
-PATCH_COLUMNS: tuple[str, ...] = ("pair_id", "size", "ir", "vi") + tuple(f"w_{k}" for k in WEIGHT_KEYS)
+from pipeline.complementary import WEIGHT_NAMES as WEIGHT_KEYS
+
+#: ``train.sample_weights`` -> prefix of the stats stage's weight columns used as the loss weights:
+#: ``image``: the image-level weights of the patch's source pair (``img_w_*``); ``patch``: the
+#: patch's own weights (``w_*``).
+WEIGHT_PREFIXES: dict[str, str] = {"image": "img_w_", "patch": "w_"}
+
+
+def weight_columns(sample_weights: str = "image") -> tuple[str, ...]:
+    """The patch-table columns holding the loss weights for ``train.sample_weights``.
+
+    Raises:
+        ValueError: an unknown ``sample_weights``.
+    """
+    if sample_weights not in WEIGHT_PREFIXES:
+        raise ValueError(f"train.sample_weights must be one of {sorted(WEIGHT_PREFIXES)}, got {sample_weights!r}")
+    return tuple(f"{WEIGHT_PREFIXES[sample_weights]}{k}" for k in WEIGHT_KEYS)
+
+
+def patch_columns(sample_weights: str = "image") -> tuple[str, ...]:
+    """Columns that training reads from the stats stage's patch table (see the team contract)."""
+    return ("pair_id", "size", "ir", "vi") + weight_columns(sample_weights)
 
 
 def _parquet_files(folder: Path) -> list[Path]:
@@ -28,36 +47,42 @@ def _parquet_files(folder: Path) -> list[Path]:
     return files
 
 
-def decode_patches(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def decode_patches(batch: Mapping[str, np.ndarray], sample_weights: str = "image") -> dict[str, np.ndarray]:
     """Decode a batch of patch rows into arrays.
 
     Args:
-        batch: columns of ``PATCH_COLUMNS``; ``ir``/``vi`` hold ``size * size`` uint8 bytes
-            (row-major), ``w_*`` the adaptive weights.
+        batch: columns of ``patch_columns(sample_weights)``; ``ir``/``vi`` hold ``size * size``
+            uint8 bytes (row-major, decoded by ``pipeline.patches.decode_patches``).
+        sample_weights: ``"image"`` (weights from the ``img_w_*`` columns) or ``"patch"``
+            (``w_*``), see ``weight_columns``.
 
     Returns:
         ``ir``, ``vi``: (N, 1, S, S) float32 in [0, 1]; ``int_ir``, ``int_vi``, ``det_ir``,
-        ``det_vi``: (N,) float32.
+        ``det_vi``: (N,) float32 loss weights.
 
     Raises:
         ValueError: a missing column, mixed patch sizes or a byte string of the wrong length.
     """
-    missing = [c for c in ("size", "ir", "vi", *(f"w_{k}" for k in WEIGHT_KEYS)) if c not in batch]
+    from pipeline.patches import decode_patches as decode_bytes
+
+    wcols = weight_columns(sample_weights)
+    missing = [c for c in ("size", "ir", "vi", *wcols) if c not in batch]
     if missing:
-        raise ValueError(f"patch table lacks column(s) {missing} (expected the stats stage's output)")
+        raise ValueError(f"patch table lacks column(s) {missing} (expected the stats stage's output; "
+                         f"train.sample_weights={sample_weights})")
     sizes = np.unique(np.asarray(batch["size"]))
     if sizes.size != 1:
         raise ValueError(f"patch batch mixes patch sizes {sizes.tolist()}; crop all patches to one size")
     s = int(sizes[0])
     out: dict[str, np.ndarray] = {}
     for key in ("ir", "vi"):
-        raw = b"".join(bytes(v) for v in batch[key])
-        n = len(batch[key])
-        if len(raw) != n * s * s:
-            raise ValueError(f"patch column '{key}': {len(raw)} bytes for {n} patches of {s}x{s}")
-        out[key] = (np.frombuffer(raw, dtype=np.uint8).reshape(n, 1, s, s).astype(np.float32)) / np.float32(255.0)
-    for k in WEIGHT_KEYS:
-        out[k] = np.asarray(batch[f"w_{k}"], dtype=np.float32)
+        try:
+            u8 = decode_bytes(batch[key], s)
+        except ValueError as exc:
+            raise ValueError(f"patch column '{key}': {exc}") from exc
+        out[key] = u8[:, None].astype(np.float32) / np.float32(255.0)
+    for k, col in zip(WEIGHT_KEYS, wcols):
+        out[k] = np.asarray(batch[col], dtype=np.float32)
     return out
 
 
@@ -74,43 +99,60 @@ class PatchCollate:
     ``decode_patches``, as ``torch.float32`` tensors.
     """
 
-    def __new__(cls, device: Any = "cpu"):  # noqa: D102 - builds the Ray subclass on first use
+    def __new__(cls, device: Any = "cpu", sample_weights: str = "image"):  # noqa: D102 - builds the Ray subclass
         base = _numpy_collate_base()
+        weight_columns(sample_weights)  # fail here, not in the first batch
 
         class _Collate(base):  # type: ignore[misc, valid-type]
-            def __init__(self, device: Any) -> None:
+            def __init__(self, device: Any, sample_weights: str) -> None:
                 super().__init__()
                 self.device = device
+                self.sample_weights = sample_weights
 
             def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
                 import torch
 
-                arrays = decode_patches(batch)
+                arrays = decode_patches(batch, self.sample_weights)
                 return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
 
         _Collate.__name__ = _Collate.__qualname__ = "PatchCollate"
-        return _Collate(device)
+        return _Collate(device, sample_weights)
 
 
-def train_dataset(patches_dir: str | Path, max_patches: int | None = None):
+def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sample_weights: str = "image"):
     """Ray Dataset of the training patches (``split == "train"``) of the stats stage.
+
+    Sets the driver's Ray Data context with ``pipeline.patches.ordered_data_context`` (order
+    preserved), so that ``limit`` keeps the first rows in file order and ``materialize`` stores
+    them in that order.
 
     Args:
         patches_dir: folder of ``part-*.parquet`` with the patch and weight columns.
         max_patches: keep only the first N training rows (file order), ``None``: all.
+        sample_weights: which weight columns to read (``weight_columns``).
 
     Returns:
-        ``ray.data.Dataset`` with ``PATCH_COLUMNS`` (bytes undecoded: ``PatchCollate`` decodes them
-        on the training worker).
+        ``ray.data.Dataset`` with ``patch_columns(sample_weights)`` (bytes undecoded:
+        ``PatchCollate`` decodes them on the training worker).
 
     Raises:
         FileNotFoundError: no Parquet files in ``patches_dir``.
+        ValueError: the files lack a needed column (named).
     """
+    import pyarrow.parquet as pq
     import ray.data
 
+    from pipeline.patches import ordered_data_context
+
     files = _parquet_files(Path(patches_dir))
-    ds = ray.data.read_parquet([str(f) for f in files], columns=list(PATCH_COLUMNS) + ["split"])
-    ds = ds.filter(expr="split == 'train'").select_columns(list(PATCH_COLUMNS))
+    columns = list(patch_columns(sample_weights))
+    missing = [c for c in [*columns, "split"] if c not in pq.read_schema(files[0]).names]
+    if missing:
+        raise ValueError(f"{files[0]}: lacks column(s) {missing} needed with train.sample_weights={sample_weights} "
+                         "(run the stats stage: dvc repro stats)")
+    ordered_data_context()
+    ds = ray.data.read_parquet([str(f) for f in files], columns=columns + ["split"])
+    ds = ds.filter(expr="split == 'train'").select_columns(columns)
     if max_patches is not None:
         ds = ds.limit(max_patches)
     return ds

@@ -15,8 +15,14 @@ Layout (as in Ray's own Train examples):
 Resuming: the Ray Train run lives in ``<storage_path>/<run name>``; launching again with the same
 name resumes from its latest checkpoint (Ray Train V2 restores its checkpoint manager from the run
 folder, the workers read ``ray.train.get_checkpoint()``). With ``train.run_name: null`` the name is
-derived from a hash of the model/loss/train parameters and of the training data, so an identical
-re-launch resumes and any change starts a fresh run.
+derived from a hash of the model/loss/train parameters, the training data and the ``pipeline``
+package's source, so an identical re-launch resumes and any change starts a fresh run.
+
+A run that already trained ``train.epochs`` epochs is never "resumed" for zero epochs and
+re-exported: when its MLflow run recorded its outputs they are reused (nothing trained, no second
+MLflow model); otherwise a default-named run folder is moved aside (``<name>.stale-<time>``) and
+trained afresh, and an explicit ``train.run_name`` is an error (raise ``train.epochs`` or choose a
+new name). An explicit name that finished with other parameters, data or code is an error too.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import hashlib
 import json
 import logging
 import math
+import re
+import shutil
 import socket
 import tempfile
 import time
@@ -40,16 +48,22 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"  # optimizer/scheduler/progress, beside the model in a checkpoint
 MODEL_FILE = "model.pt"  # the unwrapped model in pipeline.weights' checkpoint format
 RUN_TAG = "mda.train_run"  # MLflow tag holding the Ray Train run name (one MLflow run per name)
+CONFIG_TAG = "mda.train_config"  # MLflow tag: default_run_name() of the params/data/code it last trained with
 VAL_METRICS = ("val_ssim", "val_qabf", "val_loss")
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name and a safe MLflow filter value
 
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
 @dataclass(frozen=True)
 class TrainSettings:
-    """The checked ``train:`` section (see ``params.yaml`` for the meaning of each key)."""
+    """The checked ``train:`` section (see ``params.yaml`` for the meaning of each key).
 
-    epochs: int = 2
+    The defaults are the values of the repository's ``params.yaml`` (a key left out of the file
+    takes the same value as the shipped file gives it; ``tests/test_training.py`` checks this).
+    """
+
+    epochs: int = 3
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 1e-4
@@ -58,7 +72,8 @@ class TrainSettings:
     grad_clip: float = 1.0
     seed: int = 2024
     shuffle_buffer: int = 64
-    max_train_patches: int | None = None
+    max_train_patches: int | None = 256
+    sample_weights: str = "image"
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float | None = None
@@ -108,6 +123,7 @@ def train_settings(params: Mapping[str, Any]) -> TrainSettings:
         seed=p("seed", int, minimum=0),
         shuffle_buffer=p("shuffle_buffer", int, minimum=0),
         max_train_patches=p("max_train_patches", int, minimum=1, allow_none=True),
+        sample_weights=p("sample_weights", str, choices=("image", "patch")),
         num_workers=p("num_workers", int, minimum=1),
         use_gpu=p("use_gpu", bool),
         cpus_per_worker=p("cpus_per_worker", float, minimum=0.01, allow_none=True),
@@ -117,7 +133,7 @@ def train_settings(params: Mapping[str, Any]) -> TrainSettings:
         keep_checkpoints=p("keep_checkpoints", int, minimum=1),
         checkpoint_metric=p("checkpoint_metric", str, choices=VAL_METRICS),
         max_failures=p("max_failures", int, minimum=-1),
-        run_name=p("run_name", str, allow_none=True),
+        run_name=check_run_name(p("run_name", str, allow_none=True), "train.run_name"),
         storage_path=p("storage_path", str),
         experiment=p("experiment", str),
         log_every_steps=p("log_every_steps", int, minimum=1),
@@ -125,6 +141,21 @@ def train_settings(params: Mapping[str, Any]) -> TrainSettings:
         val_max_pairs=p("val_max_pairs", int, minimum=1, allow_none=True),
         val_samples=p("val_samples", int, minimum=0),
     )
+
+
+def check_run_name(name: str | None, where: str = "train.run_name") -> str | None:
+    """Check a Ray Train run name: 1-128 letters, digits, ``-``, ``_`` or ``.``, starting with a
+    letter or digit (it becomes a folder name and a value in MLflow filter strings).
+
+    Raises:
+        pipeline.config.ParamsError: naming ``where``.
+    """
+    from pipeline.config import ParamsError
+
+    if name is not None and not RUN_NAME_RE.fullmatch(name):
+        raise ParamsError(f"{where}: {name!r} is not a valid run name (1-128 letters, digits, '-', '_' or '.', "
+                          "starting with a letter or digit)")
+    return name
 
 
 def cpus_per_worker(settings: TrainSettings, cluster_cpus: float) -> float:
@@ -208,7 +239,7 @@ def train_step(
 
     Args:
         model: the network (plain or DDP-wrapped), called as ``model(ir, vi, return_features=True)``.
-        batch: ``ir``, ``vi`` (B, 1, S, S) float in [0, 1] and the (B,) weights ``int_ir``,
+        batch: ``ir``, ``vi`` (B, 1, S, S) float in [0, 1] and the (B,) loss weights ``int_ir``,
             ``int_vi``, ``det_ir``, ``det_vi`` (as ``pipeline.train_data.decode_patches``).
         loss_fn: ``pipeline.losses.FusionLoss``.
         optimizer, scheduler: stepped once each (scheduler may be ``None``).
@@ -221,7 +252,7 @@ def train_step(
     """
     import torch
 
-    from pipeline.train_data import WEIGHT_KEYS
+    from pipeline.complementary import WEIGHT_NAMES as WEIGHT_KEYS
 
     ir, vi = batch["ir"], batch["vi"]
     weights = {k: batch[k] for k in WEIGHT_KEYS}
@@ -429,6 +460,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model.load_state_dict(restored.state_dict())
             state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
         start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
+        if start_epoch > s.epochs:  # the driver checks this first; never report a 0-epoch "resume"
+            raise ValueError(f"the restored checkpoint is at epoch {start_epoch - 1}, train.epochs is {s.epochs}: "
+                             "nothing to train (raise train.epochs or choose a new train.run_name)")
 
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     net = model.module if hasattr(model, "module") else model
@@ -454,7 +488,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     my_pairs = pairs[rank::world]
 
     shard = ray.train.get_dataset_shard("train")
-    collate = PatchCollate(device)
+    collate = PatchCollate(device, s.sample_weights)
     for epoch in range(start_epoch, s.epochs + 1):
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
@@ -583,34 +617,66 @@ def default_run_name(params: Mapping[str, Any], digest: str) -> str:
     return "mda-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def _mlflow_run(params: Mapping[str, Any], settings: TrainSettings, run_name: str, root: Path) -> tuple[str, str, str | None]:
-    """Create (or find again, for a resumed run) the MLflow run; log params.
+def _find_mlflow_run(settings: TrainSettings, run_name: str, root: Path) -> tuple[str, Any, str | None, str | None]:
+    """The latest MLflow run tagged with ``run_name``.
 
     Returns:
-        ``(uri, run_id, previous_status)``; ``previous_status`` is the status of a run found again
-        (``"FINISHED"``, ``"FAILED"``, ...) or ``None`` for a new run.
+        ``(uri, experiment_id, run_id, status)``; ``run_id``/``status`` are ``None`` when absent.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import flatten
     from pipeline.tracking import configure_mlflow
 
     uri = configure_mlflow(root, settings.experiment)
-    client = MlflowClient(tracking_uri=uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
+    check_run_name(run_name)  # safe inside the filter string
+    found = MlflowClient(tracking_uri=uri).search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
+        max_results=1, order_by=["attributes.start_time DESC"])
     if found:
-        run_id, previous = found[0].info.run_id, found[0].info.status
-        client.update_run(run_id, status="RUNNING")
-        return uri, run_id, previous
-    run = client.create_run(exp.experiment_id, run_name=run_name, tags={RUN_TAG: run_name})
+        return uri, exp.experiment_id, found[0].info.run_id, found[0].info.status
+    return uri, exp.experiment_id, None, None
+
+
+def _new_mlflow_run(params: Mapping[str, Any], uri: str, experiment_id: str, run_name: str) -> str:
+    """Create the MLflow run of a Ray Train run (tagged ``RUN_TAG``), log every parameter. Returns its id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import flatten
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: run_name})
     flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_params(flat)
-    client.update_run(run.info.run_id, status="RUNNING")
-    return uri, run.info.run_id, None
+    return run.info.run_id
+
+
+def trained_epochs(run_dir: str | Path) -> int:
+    """Highest epoch among the checkpoints that Ray Train registered in a run folder (0: none).
+
+    Read from Ray Train V2's ``checkpoint_manager_snapshot.json`` (the metrics reported with each
+    checkpoint carry ``epoch``); a missing or unreadable snapshot counts as no checkpoint.
+    """
+    try:
+        snap = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    results = list(snap.get("checkpoint_results") or []) + [snap.get("latest_checkpoint_result") or {}]
+    epochs = [(r.get("metrics") or {}).get("epoch") for r in results if isinstance(r, dict)]
+    return max([int(e) for e in epochs if isinstance(e, (int, float))], default=0)
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Rename a Ray Train run folder to ``<name>.stale-<time>`` (kept, out of the way). Returns the new path."""
+    dest = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while dest.exists():
+        dest, n = dest.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    shutil.move(str(run_dir), str(dest))
+    return dest
 
 
 def _write_curves(client: Any, run_id: str, prefix: str, x: str, path: Path) -> list[str]:
@@ -650,7 +716,13 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     """
     import mlflow
     from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, TrainingFailedError
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.config import section
@@ -683,15 +755,32 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
             f"{paths.patches_dir}: {n_train} training patches are fewer than train.batch_size "
             f"({settings.batch_size}) x train.num_workers ({settings.num_workers})"
         )
-    name = run_name or settings.run_name or default_run_name(params, data_digest(paths.patches_dir))
+    explicit = check_run_name(run_name, "run_name (--run-name)") or settings.run_name
+    config_id = default_run_name(params, data_digest(paths.patches_dir))
+    name = explicit or config_id
     storage = Path(settings.storage_path)
     storage = storage if storage.is_absolute() else root / storage
-    uri, run_id, previous_status = _mlflow_run(params, settings, name, root)
+    uri, experiment_id, run_id, previous_status = _find_mlflow_run(settings, name, root)
     client = MlflowClient(tracking_uri=uri)
-    if previous_status == "FINISHED":
-        reused = _reuse_finished_run(client, run_id, name, settings, paths)
+    if run_id is not None and previous_status == "FINISHED":
+        reused = _reuse_finished_run(client, run_id, name, settings, paths, config_id)
         if reused is not None:
             return reused
+    done = trained_epochs(storage / name)
+    if done >= settings.epochs:  # a finished Ray Train run whose MLflow outputs are gone: never re-export it
+        if explicit:
+            raise ValueError(
+                f"train.run_name {name!r}: the Ray Train run in {storage / name} already trained {done} epoch(s) "
+                f"(train.epochs={settings.epochs}) and has no reusable MLflow outputs; raise train.epochs to "
+                "continue it or choose a new train.run_name")
+        moved = _set_aside(storage / name)
+        log.warning("training run %s already finished %d epoch(s) but its MLflow run and outputs are gone: "
+                    "moved it to %s and training afresh", name, done, moved)
+        done = 0
+    if run_id is None or done == 0:  # a fresh Ray Train run gets a fresh MLflow run (no second model in an old one)
+        run_id = _new_mlflow_run(params, uri, experiment_id, name)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, CONFIG_TAG, config_id)
     log.info("training run %s (MLflow run %s at %s), %d steps/epoch", name, run_id, uri, steps_per_epoch)
 
     config = {
@@ -707,10 +796,10 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     }
     try:
         with ray_session(**ray_options(params)) as resources:
-            from ray.data import DataContext, ExecutionOptions
+            from ray.data import ExecutionOptions
 
-            DataContext.get_current().enable_progress_bars = False
-            dataset = train_dataset(paths.patches_dir, settings.max_train_patches)
+            # ordered driver DataContext (set by train_dataset): limit() and materialize() keep file order
+            dataset = train_dataset(paths.patches_dir, settings.max_train_patches, settings.sample_weights)
             if settings.materialize:  # read + filter once; epochs then iterate over the object store
                 dataset = dataset.materialize()
             trainer = TorchTrainer(
@@ -784,13 +873,18 @@ SUMMARY_ARTIFACT = "train_outputs.json"
 
 
 def _reuse_finished_run(client: Any, run_id: str, name: str, settings: TrainSettings,
-                        paths: TrainPaths) -> dict[str, Any] | None:
+                        paths: TrainPaths, config_id: str) -> dict[str, Any] | None:
     """Outputs of a run that already finished with the same name (same params, data and code for
     the default name), instead of resuming it with nothing to train and logging its model twice.
 
     Returns ``None`` (train: Ray Train resumes from the latest checkpoint) when the run trained
     fewer than ``train.epochs`` epochs (an explicit ``train.run_name`` whose epochs were raised)
     or its recorded outputs are gone.
+
+    Raises:
+        ValueError: an explicit ``train.run_name`` that finished with other parameters, data or
+            code (``config_id``, see ``default_run_name``): re-exporting it would pass old weights
+            off as trained with the current ones.
     """
     import mlflow
 
@@ -804,9 +898,16 @@ def _reuse_finished_run(client: Any, run_id: str, name: str, settings: TrainSett
     checkpoint = Path(str(summary.get("ray_checkpoint", ""))) / MODEL_FILE
     if int(summary.get("epochs", 0)) < settings.epochs or not checkpoint.is_file():
         return None
-    log.info("training run %s already finished with these parameters, data and code: reusing its best "
-             "checkpoint and MLflow model %s (choose another train.run_name to train again)",
-             name, summary.get("model_uri"))
+    trained_with = client.get_run(run_id).data.tags.get(CONFIG_TAG)
+    if trained_with is not None and trained_with != config_id:
+        raise ValueError(
+            f"train.run_name {name!r} already finished {summary.get('epochs')} epoch(s) (train.epochs="
+            f"{settings.epochs}) with other parameters, data or code (MLflow run {run_id}); raise train.epochs "
+            "to continue it or choose a new train.run_name")
+    log.info("training run %s already finished (%s epochs, train.epochs=%d), reusing its best checkpoint and "
+             "MLflow model %s: nothing trained, no model logged (raise train.epochs to continue it, or choose "
+             "another train.run_name to train again)", name, summary.get("epochs"), settings.epochs,
+             summary.get("model_uri"))
     copy_atomic(checkpoint, Path(paths.best_checkpoint))
     summary["checkpoint"] = str(paths.best_checkpoint)
     write_json(paths.metrics_json, metrics)

@@ -81,7 +81,7 @@ def _train(tmp_path, inputs, out, name, **train):
     return run_training(tiny_params(tmp_path, **train), train_paths(inputs, out), run_name=name)
 
 
-def test_deterministic_resumable_and_tracked_on_mlflow_server(tmp_path, ray_local, mlflow_server):
+def test_deterministic_resumable_and_tracked_on_mlflow_server(tmp_path, ray_local, mlflow_server, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -143,6 +143,15 @@ def test_deterministic_resumable_and_tracked_on_mlflow_server(tmp_path, ray_loca
     assert header[0] == "step" and {"loss", "intensity", "lr"} <= set(header)
     rows = (out_a / "plots" / "train_val.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,") and len(rows) == 3
+
+    # the finished Ray Train run without its MLflow record (another tracking store): an error naming
+    # train.run_name, never a zero-epoch "resume" that re-exports the old weights
+    with monkeypatch.context() as m:
+        m.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+        with pytest.raises(ValueError, match=r"train.run_name 'run-a'.*already trained 2 epoch"):
+            _train(tmp_path, inputs, tmp_path / "d", "run-a", epochs=2)
+    mlflow.set_tracking_uri(mlflow_server)  # configure_mlflow set the other store process-wide
+    assert not (tmp_path / "d" / "models" / "best.pt").exists()
 
 
 def _ray_train_worker_pids() -> list[int]:

@@ -10,7 +10,13 @@ import torch
 from train_fixtures import TINY_MODEL, make_train_inputs, tiny_params
 
 from pipeline.config import ParamsError
-from pipeline.train_data import WEIGHT_KEYS, count_train_patches, decode_patches, load_val_pairs
+from pipeline.train_data import (
+    WEIGHT_KEYS,
+    count_train_patches,
+    decode_patches,
+    load_val_pairs,
+    weight_columns,
+)
 from pipeline.training import (
     TrainSettings,
     build_optimizer,
@@ -41,9 +47,11 @@ def _batch(n=4, s=16, seed=0):
     ir = rng.integers(0, 256, (n, s, s), dtype=np.uint8)
     vi = rng.integers(0, 256, (n, s, s), dtype=np.uint8)
     a, b = rng.uniform(0.2, 0.8, n), rng.uniform(0.2, 0.8, n)
+    c, d = rng.uniform(0.2, 0.8, n), rng.uniform(0.2, 0.8, n)
     raw = {"size": np.full(n, s, np.int32), "ir": np.array([x.tobytes() for x in ir], dtype=object),
            "vi": np.array([x.tobytes() for x in vi], dtype=object),
-           "w_int_ir": a, "w_int_vi": 1 - a, "w_det_ir": b, "w_det_vi": 1 - b}
+           "w_int_ir": a, "w_int_vi": 1 - a, "w_det_ir": b, "w_det_vi": 1 - b,
+           "img_w_int_ir": c, "img_w_int_vi": 1 - c, "img_w_det_ir": d, "img_w_det_vi": 1 - d}
     return raw, ir, vi
 
 
@@ -69,7 +77,58 @@ def test_decode_patches_rejects_bad_rows():
         decode_patches(bad)
     bad = {k: v for k, v in raw.items() if k != "w_det_vi"}
     with pytest.raises(ValueError, match="w_det_vi"):
-        decode_patches(bad)
+        decode_patches(bad, "patch")
+    decode_patches(bad)  # the default (image weights) does not read w_*
+    with pytest.raises(ValueError, match="img_w_det_vi"):
+        decode_patches({k: v for k, v in raw.items() if k != "img_w_det_vi"})
+
+
+@pytest.mark.parametrize("mode, prefix", [("image", "img_w_"), ("patch", "w_")])
+def test_sample_weights_choose_the_columns_that_reach_the_loss(tmp_path, mode, prefix):
+    from pipeline.train_data import PatchCollate
+
+    assert weight_columns(mode) == tuple(prefix + k for k in WEIGHT_KEYS)
+    params = tiny_params(tmp_path, sample_weights=mode)
+    assert train_settings(params).sample_weights == mode
+    raw, _, _ = _batch(n=4, s=16)
+    batch = PatchCollate("cpu", train_settings(params).sample_weights)(raw)  # what a training worker gets
+    loss = _loss(params)
+    seen = {}
+
+    def recording_loss(fused, ir, vi, weights, features=None):
+        seen.update({k: v.clone() for k, v in weights.items()})
+        return loss(fused, ir, vi, weights, features=features)
+
+    model = _model()
+    out = train_step(model, batch, recording_loss, build_optimizer(model, TrainSettings()))
+    assert set(seen) == set(WEIGHT_KEYS)
+    for k in WEIGHT_KEYS:
+        np.testing.assert_allclose(seen[k].numpy(), raw[prefix + k].astype(np.float32), rtol=1e-6)
+    # the two choices are different numbers, so they give different losses on the same batch
+    other = "patch" if mode == "image" else "image"
+    fused = _model()(batch["ir"], batch["vi"]).detach()
+    w_other = {k: torch.from_numpy(v) for k, v in decode_patches(raw, other).items() if k in WEIGHT_KEYS}
+    assert float(loss(fused, batch["ir"], batch["vi"], w_other)[0]) != pytest.approx(
+        float(loss(fused, batch["ir"], batch["vi"], {k: batch[k] for k in WEIGHT_KEYS})[0]), rel=1e-6)
+    assert math.isfinite(out["loss"])
+    with pytest.raises(ParamsError, match="train.sample_weights"):
+        train_settings(tiny_params(tmp_path, sample_weights="pixel"))
+
+
+def test_code_defaults_match_params_yaml():
+    from conftest import REPO
+
+    from pipeline.config import load_params
+
+    assert train_settings(load_params(REPO / "params.yaml")) == TrainSettings(), \
+        "TrainSettings defaults must equal the train: section of params.yaml"
+
+
+@pytest.mark.parametrize("bad", ["a'b", "x y", "-lead", "a/b", "", "n\"ame"])
+def test_run_names_are_validated(tmp_path, bad):
+    with pytest.raises(ParamsError, match="train.run_name"):
+        train_settings(tiny_params(tmp_path, run_name=bad))
+    assert train_settings(tiny_params(tmp_path, run_name="ok-Run_1.2")).run_name == "ok-Run_1.2"
 
 
 def test_settings_are_checked_and_name_the_key(tmp_path):
@@ -212,3 +271,42 @@ def test_failed_run_message_names_the_worker_error():
     inner = ValueError("long traceback line\nValueError: data/stats/patches: no full batch")
     exc = WorkerGroupError("Training failed", {1: inner})
     assert _root_cause(exc) == "ValueError: ValueError: data/stats/patches: no full batch"
+
+
+def _fake_ray_run(run_dir, epochs):
+    """A Ray Train V2 run folder whose checkpoint manager registered checkpoints up to ``epochs``."""
+    import json
+
+    run_dir.mkdir(parents=True)
+    results = [{"checkpoint_dir_name": f"checkpoint_{e}", "metrics": {"epoch": e, "val_qabf": 0.1}}
+               for e in range(1, epochs + 1)]
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"checkpoint_results": results, "latest_checkpoint_result": results[-1]}))
+
+
+def test_trained_epochs_and_set_aside(tmp_path):
+    from pipeline.training import _set_aside, trained_epochs
+
+    assert trained_epochs(tmp_path / "absent") == 0
+    _fake_ray_run(tmp_path / "mda-x", 3)
+    assert trained_epochs(tmp_path / "mda-x") == 3
+    moved = _set_aside(tmp_path / "mda-x")
+    assert not (moved.parent / "mda-x").exists() and moved.name.startswith("mda-x.stale-")
+    assert trained_epochs(moved) == 3, "the set-aside run is kept whole"
+
+
+def test_explicit_finished_run_without_outputs_is_an_error_not_a_reexport(tmp_path, monkeypatch):
+    from train_fixtures import make_train_inputs, train_paths
+
+    from pipeline.training import run_training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    inputs = make_train_inputs(tmp_path / "in", n_train=1, n_val=1)
+    params = tiny_params(tmp_path, epochs=2, run_name="done-run")
+    _fake_ray_run(tmp_path / "ray_results" / "done-run", 2)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"train.run_name 'done-run'.*2 epoch\(s\).*raise train.epochs"):
+        run_training(params, train_paths(inputs, out))
+    assert not (out / "models" / "best.pt").exists(), "nothing may be exported from a run that trained nothing"
+    with pytest.raises(ParamsError, match="run_name"):
+        run_training(params, train_paths(inputs, out), run_name="it's")

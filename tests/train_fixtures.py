@@ -1,7 +1,8 @@
 """Small generated inputs of the ``train`` stage, following the team's data contract.
 
 ``make_train_inputs(root)`` writes, under ``root``: ``registered/{ir,vi}/<stem>.png``,
-``patches/split.json``, ``stats/patches/part-0000.parquet`` (patch columns + weights) and
+``patches/split.json``, ``stats/patches/part-0000.parquet`` (patch columns, patch weights ``w_*``
+and the pair's image weights ``img_w_*``) and
 ``stats/images.parquet`` (per-pair image weights), and returns the paths.
 """
 
@@ -67,6 +68,7 @@ def make_train_inputs(
                     "pair_id": stem, "split": split, "y": y, "x": x, "size": patch,
                     "ir": ir[y:y + patch, x:x + patch].tobytes(), "vi": vi[y:y + patch, x:x + patch].tobytes(),
                     "w_int_ir": a, "w_int_vi": 1 - a, "w_det_ir": b, "w_det_vi": 1 - b,
+                    "img_w_int_ir": wi, "img_w_int_vi": 1 - wi, "img_w_det_ir": wd, "img_w_det_vi": 1 - wd,
                 })
     table = pa.Table.from_pandas(pd.DataFrame(rows).astype({"y": "int32", "x": "int32", "size": "int32"}),
                                  preserve_index=False)
