@@ -100,9 +100,9 @@ def run_loop(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import complementary as C
-    from pipeline.files import write_json
-    from pipeline.patches import SPLITS, crop_shard, plan_crop, plan_shards
+    from pipeline.data import stats as C
+    from pipeline.common.atomic_io import write_json
+    from pipeline.data.crop import SPLITS, crop_shard, plan_crop, plan_shards
 
     items, record = plan_crop(reg, crop_cfg)
     patches = out / "patches"
@@ -143,8 +143,8 @@ def run_loop(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
 
 def run_ray(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
     """The stages' code: ``crop_dataset`` then ``compute_stats`` on the running Ray."""
-    from pipeline.complementary import compute_stats
-    from pipeline.patches import crop_dataset
+    from pipeline.data.stats import compute_stats
+    from pipeline.data.crop import crop_dataset
 
     record = crop_dataset(reg, out / "patches", crop_cfg)
     metrics = compute_stats(out / "patches", reg, out / "stats", stats_cfg)
@@ -155,9 +155,9 @@ def child(args: argparse.Namespace) -> int:
     """One timed run (``--child MODE``); prints a JSON line."""
     import logging
 
-    from pipeline.complementary import StatsConfig
-    from pipeline.config import load_params, section
-    from pipeline.patches import CropConfig
+    from pipeline.data.stats import StatsConfig
+    from pipeline.common.config import load_params, section
+    from pipeline.data.crop import CropConfig
 
     logging.disable(logging.WARNING)
     params = load_params(args.params)

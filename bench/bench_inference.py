@@ -7,7 +7,7 @@ to ``bench/results/inference.json``:
   2 FLOPs per multiply-add, counted on the padded input);
 - milliseconds per forward (best of ``--repeats`` after a warm-up) of the plain eager fp32 path
   (NCHW, ``torch.no_grad``, PyTorch's default allocator: ``eager_fp32``, timed in a child process)
-  and of our tuned path (``tuned``: ``pipeline.inference.Fuser``, i.e. inference mode,
+  and of our tuned path (``tuned``: ``pipeline.model.inference.Fuser``, i.e. inference mode,
   channels-last, padding and cropping included, in a process with ``THP_MEM_ALLOC_ENABLE=1`` as
   ``mda fuse`` sets it: large tensors on transparent huge pages); also the plain eager path in the
   THP process (``eager_fp32_thp``), and optionally ``torch.compile`` of the tuned path (``--compile``);
@@ -44,10 +44,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.images import read_ir, read_visible, split_luma  # noqa: E402
-from pipeline.inference import Fuser, available_cores, pad_to_multiple, set_threads  # noqa: E402
-from pipeline.network import build_model  # noqa: E402
-from pipeline.weights import load_model  # noqa: E402
+from pipeline.data.images import read_ir, read_visible, split_luma  # noqa: E402
+from pipeline.model.inference import Fuser, available_cores, pad_to_multiple, set_threads  # noqa: E402
+from pipeline.model.network import build_model  # noqa: E402
+from pipeline.model.weights import load_model  # noqa: E402
 
 SHARED = Path(os.environ.get("MDA_SHARED", ROOT.parent / "shared"))
 PAIRS = {

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.metrics import METRIC_FUNCTIONS, METRICS, compute_all  # noqa: E402
+from pipeline.evaluate.metrics import METRIC_FUNCTIONS, METRICS, compute_all  # noqa: E402
 
 
 def synthetic_triplet(h: int = 480, w: int = 640, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cv2.setNumThreads(1)  # one core, as the requirement says
     if args.pair:
-        from pipeline.images import read_gray
+        from pipeline.data.images import read_gray
 
         a, b, f = (read_gray(p).astype(np.float64) for p in args.pair)
         source = "files: " + ", ".join(args.pair)

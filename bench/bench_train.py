@@ -4,7 +4,7 @@ Measures steady-state patches/s (after warm-up steps, start-up excluded; from th
 which a busy shared machine disturbs less than the mean, both are recorded) for
 
 - ``plain``: one process, batches decoded from the Parquet patch table with
-  ``pipeline.train_data.decode_patches``, with 1 torch thread (measured before and after the Ray
+  ``pipeline.train.data.decode_patches``, with 1 torch thread (measured before and after the Ray
   runs, best taken) and with all cores as threads;
 - ``ray1``: Ray Train, 1 worker, 1 torch thread, data through Ray Data (``get_dataset_shard`` +
   ``iter_torch_batches`` + ``PatchCollate``): its ratio to the 1-thread plain loop is the Ray
@@ -66,9 +66,9 @@ def synthetic_patches(folder: Path, n: int = 512, size: int = 64, seed: int = 0)
 def _setup(cfg: dict):
     import torch
 
-    from pipeline.losses import FusionLoss
-    from pipeline.network import build_model
-    from pipeline.training import TrainSettings, build_optimizer
+    from pipeline.train.losses import FusionLoss
+    from pipeline.model.network import build_model
+    from pipeline.train.driver import TrainSettings, build_optimizer
 
     torch.manual_seed(0)
     model = build_model(cfg["model_name"], **cfg["model_args"])
@@ -83,8 +83,8 @@ def plain(cfg: dict) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.train_data import decode_patches, patch_columns
-    from pipeline.training import train_step
+    from pipeline.train.data import decode_patches, patch_columns
+    from pipeline.train.driver import train_step
 
     torch.set_num_threads(cfg["threads"])
     t_start = time.perf_counter()
@@ -115,8 +115,8 @@ def _ray_loop(cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.train_data import PatchCollate
-    from pipeline.training import train_step
+    from pipeline.train.data import PatchCollate
+    from pipeline.train.driver import train_step
 
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
@@ -150,7 +150,7 @@ def ray_train(cfg: dict, workers: int, cpus: float, threads: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train_data import train_dataset
+    from pipeline.train.data import train_dataset
 
     ds = train_dataset(cfg["patches"]).materialize()
     storage = tempfile.mkdtemp(prefix="bench_train_")
@@ -183,8 +183,8 @@ def main() -> int:
     import ray
     import torch
 
-    from pipeline.config import load_params, section
-    from pipeline.network import model_config
+    from pipeline.common.config import load_params, section
+    from pipeline.model.network import model_config
 
     params = load_params(args.params)
     patches = Path(args.patches)

@@ -2,9 +2,9 @@
 
 Modules by concern (nothing runs at import time):
 
-- ``pipeline.config``: reading and validating ``params.yaml``.
-- ``pipeline.images``: the one image reader/writer, YCbCr conversion and pair discovery.
-- ``pipeline.ray_runtime``: starting or joining Ray (local or ``RAY_ADDRESS``).
+- ``pipeline.common.config``: reading and validating ``params.yaml``.
+- ``pipeline.data.images``: the one image reader/writer, YCbCr conversion and pair discovery.
+- ``pipeline.common.ray_runtime``: starting or joining Ray (local or ``RAY_ADDRESS``).
 - ``pipeline.cli``: the ``mda`` console command.
 """
 

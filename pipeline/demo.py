@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.images import write_image
+from pipeline.data.images import write_image
 
 #: Per-target temperature rise in the IR image (gray levels above the local background).
 _TARGET_WARMTH = (70.0, 110.0)

@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import load_params, section
-from pipeline.ray_runtime import ray_options, ray_session
+from pipeline.common.config import load_params, section
+from pipeline.common.ray_runtime import ray_options, ray_session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pipeline.patches import CropConfig, crop_dataset
+        from pipeline.data.crop import CropConfig, crop_dataset
 
         params = load_params(args.params)
         cfg = CropConfig.from_params(section(params, "crop"))

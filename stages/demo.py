@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import load_params, param, section
+from pipeline.common.config import load_params, param, section
 
 
 def main(argv: list[str] | None = None) -> int:

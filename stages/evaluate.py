@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import load_params, section
+from pipeline.common.config import load_params, section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pipeline.evaluation import EvalConfig, evaluate, log_to_run
-        from pipeline.ray_runtime import ray_options, ray_session
-        from pipeline.registry import read_train_info
-        from pipeline.tracking import configure_mlflow
+        from pipeline.evaluate.stage import EvalConfig, evaluate, log_to_run
+        from pipeline.common.ray_runtime import ray_options, ray_session
+        from pipeline.model.model_uri import read_train_info
+        from pipeline.common.mlflow_store import configure_mlflow
 
         params = load_params(args.params)
         cfg = EvalConfig.from_params(section(params, "evaluate"))

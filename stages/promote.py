@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import load_params, section
+from pipeline.common.config import load_params, section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pipeline.promotion import PromoteConfig, promote, read_eval_means, read_test_set_digest, write_decision
-        from pipeline.registry import read_train_info
-        from pipeline.tracking import configure_mlflow
+        from pipeline.evaluate.promote import PromoteConfig, promote, read_eval_means, read_test_set_digest, write_decision
+        from pipeline.model.model_uri import read_train_info
+        from pipeline.common.mlflow_store import configure_mlflow
 
         cfg = PromoteConfig.from_params(section(load_params(args.params), "promote"))
         info = read_train_info(args.train_info)

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import load_params, param, section
-from pipeline.ray_runtime import ray_options, ray_session
+from pipeline.common.config import load_params, param, section
+from pipeline.common.ray_runtime import ray_options, ray_session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        from pipeline.registration import AlignOptions, register_dataset
+        from pipeline.data.register import AlignOptions, register_dataset
 
         params = load_params(args.params)
         cfg = section(params, "register")

@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import load_params, section
-from pipeline.ray_runtime import ray_options, ray_session
+from pipeline.common.config import load_params, section
+from pipeline.common.ray_runtime import ray_options, ray_session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pipeline.complementary import StatsConfig, compute_stats
+        from pipeline.data.stats import StatsConfig, compute_stats
 
         params = load_params(args.params)
         cfg = StatsConfig.from_params(section(params, "stats"))

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pipeline.config import load_params
-        from pipeline.training import TrainPaths, run_training
+        from pipeline.common.config import load_params
+        from pipeline.train.driver import TrainPaths, run_training
 
         paths = TrainPaths(
             patches_dir=Path(args.patches), registered_dir=Path(args.registered), split_json=Path(args.split),

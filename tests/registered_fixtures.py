@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.images import find_pairs, read_ir, read_visible, write_image
+from pipeline.data.images import find_pairs, read_ir, read_visible, write_image
 
 
 def write_registered(root: Path, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], rejected: Sequence[str] = ()) -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.demo import generate_demo, synth_pair
-from pipeline.images import find_pairs, read_ir, read_visible
+from pipeline.data.images import find_pairs, read_ir, read_visible
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):

@@ -37,7 +37,7 @@ def make_train_inputs(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.images import write_image
+    from pipeline.data.images import write_image
 
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -84,7 +84,7 @@ def make_train_inputs(
 
 def tiny_params(tmp: Path, **train: Any) -> dict[str, Any]:
     """``params.yaml`` of the repository with a tiny model, quick loss and a tiny ``train`` section."""
-    from pipeline.config import load_params
+    from pipeline.common.config import load_params
 
     params = load_params(REPO / "params.yaml")
     params["model"] = dict(TINY_MODEL)
@@ -100,7 +100,7 @@ def tiny_params(tmp: Path, **train: Any) -> dict[str, Any]:
 
 def train_paths(inputs: dict[str, Path], out: Path):
     """``TrainPaths`` for generated inputs, outputs under ``out``."""
-    from pipeline.training import TrainPaths
+    from pipeline.train.driver import TrainPaths
 
     return TrainPaths(
         patches_dir=inputs["patches"], registered_dir=inputs["registered"], split_json=inputs["split"],

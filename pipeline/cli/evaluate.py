@@ -10,7 +10,7 @@ from pathlib import Path
 DESCRIPTION = """\
 Score every image of --fused against the IR (--ir) and visible (--vi) images of the same file
 stem (any of png/jpg/jpeg/bmp/tif/tiff), with the eleven standard fusion metrics under the
-conventions of CDDFuse's evaluator (see pipeline/metrics.py): EN, SD, SF, AG, MI, SCD, VIF, Qabf,
+conventions of CDDFuse's evaluator (see pipeline/evaluate/metrics.py): EN, SD, SF, AG, MI, SCD, VIF, Qabf,
 SSIM, CC, PSNR. Images are read as gray (OpenCV BGR->gray). Writes one CSV row per scored image
 (columns name,EN,...,PSNR) and prints the means."""
 
@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def format_means(df: "pandas.DataFrame") -> str:  # noqa: F821
     """The mean and standard deviation of every metric column of ``df`` as a text table."""
-    from pipeline.metrics import METRICS
+    from pipeline.evaluate.metrics import METRICS
 
     lines = [f"{'metric':<6} {'mean':>10} {'std':>10}"]
     for name in METRICS:
@@ -62,8 +62,8 @@ def format_means(df: "pandas.DataFrame") -> str:  # noqa: F821
 
 def run(args: argparse.Namespace) -> int:
     """Score the folder, write the CSV atomically, print the means and what was skipped."""
-    from pipeline.files import write_text_atomic
-    from pipeline.metrics import evaluate_folder
+    from pipeline.common.atomic_io import write_text_atomic
+    from pipeline.evaluate.metrics import evaluate_folder
 
     if args.output.suffix.lower() != ".csv":
         raise ValueError(f"--output {args.output}: expected a .csv file name")

@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from tqdm import tqdm
 
-    from pipeline.images import ImageError, find_pairs, read_ir, read_visible, write_image
-    from pipeline.inference import Fuser, set_threads
-    from pipeline.weights import resolve_model_source
+    from pipeline.data.images import ImageError, find_pairs, read_ir, read_visible, write_image
+    from pipeline.model.inference import Fuser, set_threads
+    from pipeline.model.weights import resolve_model_source
 
     set_threads(args.threads)
     source = resolve_model_source(args.weights if args.weights is not None else args.model)

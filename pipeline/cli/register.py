@@ -7,7 +7,7 @@ import argparse
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``mda register``."""
-    from pipeline.register_config import MOTION_NAMES, AlignOptions
+    from pipeline.data.register_options import MOTION_NAMES, AlignOptions
 
     d = AlignOptions()
     parser = subparsers.add_parser(
@@ -48,9 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run the register step; returns the exit code (1 when no pair survives)."""
-    from pipeline.ray_runtime import ray_session
-    from pipeline.register_config import AlignOptions
-    from pipeline.registration import register_dataset
+    from pipeline.common.ray_runtime import ray_session
+    from pipeline.data.register_options import AlignOptions
+    from pipeline.data.register import register_dataset
 
     options = AlignOptions(motion=args.motion, max_shift_px=args.max_shift, max_correction_px=args.max_correction)
     with ray_session(address=args.address, num_cpus=args.num_cpus):

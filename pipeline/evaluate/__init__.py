@@ -1,0 +1,1 @@
+"""Evaluation: fusion metrics (maths only), scoring, the evaluate stage and its report, promotion in the MLflow registry."""

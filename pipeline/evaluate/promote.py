@@ -1,0 +1,339 @@
+"""The ``promote`` stage: register the trained model and move ``@champion`` only when it is better.
+
+Rule (parameters from the ``promote`` section of ``params.yaml``):
+
+1. The model logged by the training run (``model_uri`` of ``models/train.json``) becomes a new
+   version of the registered model ``promote.model_name``, with its test means as version tags
+   ``eval.<metric>``. A version already registered from the same run and model is reused, so a
+   second run for the same model creates no second version and changes nothing.
+2. Reference: the current ``@champion`` (its ``eval.<metric>`` tags) when it was evaluated on the
+   same test set (tag ``test_set.digest``, from ``eval/test_set.json``); without a champion, or
+   with a champion scored on another test set (whose means cannot be compared with ours), the
+   pixel-average baseline of the same evaluation (``metrics/eval.json``), so a model is never
+   promoted without beating a method without any learning on its own test set.
+3. The version passes when it is strictly better than the reference on ``promote.primary`` (by
+   more than ``promote.min_improvement``) and not worse on each gate metric by more than its
+   tolerance (``promote.gates: {metric: tolerance}``). A reference without a value for a compared
+   metric fails the comparison (never promote blindly).
+4. Pass: alias ``champion`` moves to the version. Fail: alias ``challenger`` moves to it. Either way
+   the tags ``promotion.decision`` (``champion``/``challenger``), ``promotion.reasons`` and
+   ``promotion.compared_with`` record why.
+
+Stages are not used (deprecated in MLflow 3): aliases only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG_DECISION = "promotion.decision"
+TAG_REASONS = "promotion.reasons"
+TAG_COMPARED = "promotion.compared_with"
+TAG_SOURCE = "source_model_uri"
+TAG_RUN = "train_run_id"
+TAG_TEST_SET = "test_set.digest"
+EVAL_TAG_PREFIX = "eval."
+#: The method of ``metrics/eval.json`` that holds the trained model's means.
+OURS = "ours"
+#: Registered model names accepted (they go into MLflow search filters).
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: MLflow run ids (hex, or letters/digits/-/_ in other stores).
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """The ``promote`` section of ``params.yaml``.
+
+    Attributes:
+        model_name: registered model name.
+        primary: metric the new version must improve (higher is better).
+        min_improvement: required margin on ``primary`` (``new > ref + min_improvement``).
+        gates: ``{metric: tolerance}``: ``new >= ref - tolerance`` for each.
+        baseline: method of ``metrics/eval.json`` that is the reference when there is no champion.
+    """
+
+    model_name: str = "mda-fusion"
+    primary: str = "VIF"
+    min_improvement: float = 0.0
+    gates: dict[str, float] = field(default_factory=lambda: {"Qabf": 0.01, "SSIM": 0.02})
+    baseline: str = "average"
+
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any]) -> "PromoteConfig":
+        """Validate the ``promote`` section (errors name ``promote.<key>``)."""
+        from pipeline.common.config import ParamsError, param
+
+        w = "promote"
+        gates = param(cfg, "gates", dict, where=w, default={"Qabf": 0.01, "SSIM": 0.02})
+        clean: dict[str, float] = {}
+        for metric in gates:
+            clean[str(metric)] = param(gates, str(metric), float, where=f"{w}.gates", minimum=0.0)
+        name = param(cfg, "model_name", str, where=w, default="mda-fusion")
+        if not MODEL_NAME_RE.fullmatch(name):
+            raise ParamsError(
+                f"params: 'promote.model_name' must be 1-128 letters, digits, '.', '_' or '-' "
+                f"(starting with a letter or digit), got {name!r}"
+            )
+        return cls(
+            model_name=name,
+            primary=param(cfg, "primary", str, where=w, default="VIF"),
+            min_improvement=param(cfg, "min_improvement", float, where=w, default=0.0, minimum=0.0),
+            gates=clean,
+            baseline=param(cfg, "baseline", str, where=w, default="average"),
+        )
+
+    def compared_metrics(self) -> list[str]:
+        """The primary metric followed by the gate metrics (no duplicates)."""
+        return [self.primary, *(m for m in self.gates if m != self.primary)]
+
+
+@dataclass
+class Decision:
+    """Outcome of ``promote`` (also written as JSON)."""
+
+    model_name: str
+    version: str
+    decision: str
+    reasons: list[str]
+    compared_with: str
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+    reference: dict[str, float]
+    created: bool
+
+    @property
+    def promoted(self) -> bool:
+        """True when the version is the champion."""
+        return self.decision == CHAMPION
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready mapping (adds ``promoted``)."""
+        return {**asdict(self), "promoted": self.promoted}
+
+
+def compare(
+    new: Mapping[str, float], reference: Mapping[str, float], cfg: PromoteConfig, ref_name: str = "champion"
+) -> tuple[bool, list[str]]:
+    """Apply the gate.
+
+    Args:
+        new: the candidate's metric means.
+        reference: the champion's (or baseline's) means; a missing metric fails its check.
+        cfg: primary metric, margin and gate tolerances.
+        ref_name: how reasons name the reference.
+
+    Returns:
+        ``(passed, reasons)`` with one human-readable reason per compared metric.
+    """
+    reasons: list[str] = []
+    passed = True
+    for metric in cfg.compared_metrics():
+        if new.get(metric) is None or not math.isfinite(new[metric]):
+            passed = False
+            reasons.append(f"{metric}: the candidate has no finite value, cannot compare")
+            continue
+        value = float(new[metric])
+        if reference.get(metric) is None or not math.isfinite(reference[metric]):
+            passed = False
+            reasons.append(f"{metric}: {ref_name} has no recorded value, cannot compare")
+            continue
+        ref = float(reference[metric])
+        if metric == cfg.primary:
+            ok = value > ref + cfg.min_improvement
+            need = f"> {ref_name} {ref:.4f}" + (f" + {cfg.min_improvement:g}" if cfg.min_improvement else "")
+            kind = "primary"
+        else:
+            tol = cfg.gates[metric]
+            ok = value >= ref - tol
+            need = f">= {ref_name} {ref:.4f} - {tol:g}"
+            kind = "gate"
+        passed &= ok
+        reasons.append(f"{metric} ({kind}): {value:.4f} {'meets' if ok else 'fails'} {need} ({value - ref:+.4f})")
+    return passed, reasons
+
+
+def read_eval_means(path: str | Path) -> dict[str, dict[str, float]]:
+    """Read ``metrics/eval.json`` (``{method: {metric: mean}}``).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not JSON or no ``ours`` entry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation means not found: {path} (run the evaluate stage)")
+    try:
+        means = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(means, dict) or not isinstance(means.get(OURS), dict):
+        raise ValueError(f"{path}: expected {{method: {{metric: mean}}}} with a '{OURS}' entry")
+    return means
+
+
+def read_test_set_digest(path: str | Path) -> str:
+    """Read the digest of the evaluated test set from ``eval/test_set.json`` (evaluate stage).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not JSON or no ``digest``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"test-set record not found: {path} (run the evaluate stage)")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("digest"), str) or not record["digest"]:
+        raise ValueError(f"{path}: expected an object with a 'digest' string")
+    return record["digest"]
+
+
+def find_version(client: Any, name: str, run_id: str, model_uri: str) -> Any | None:
+    """The version of ``name`` registered from ``model_uri`` of run ``run_id``, or ``None``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        if (v.tags or {}).get(TAG_SOURCE) == model_uri or v.source == model_uri:
+            return v
+    return None
+
+
+def champion_version(client: Any, name: str) -> Any | None:
+    """The version holding the ``champion`` alias, or ``None``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def version_metrics(version: Any) -> dict[str, float]:
+    """The ``eval.<metric>`` tags of a version as floats (unparsable values are ignored)."""
+    out: dict[str, float] = {}
+    for key, value in (version.tags or {}).items():
+        if key.startswith(EVAL_TAG_PREFIX):
+            try:
+                out[key[len(EVAL_TAG_PREFIX) :]] = float(value)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def promote(
+    train_info: Mapping[str, Any],
+    eval_means: Mapping[str, Mapping[str, float]],
+    cfg: PromoteConfig,
+    test_set: str | None = None,
+) -> Decision:
+    """Register the trained model and decide ``champion`` / ``challenger`` (see module docstring).
+
+    Uses the MLflow store configured in this process (``pipeline.common.mlflow_store.configure_mlflow``).
+
+    Args:
+        train_info: ``models/train.json`` (``run_id``, ``model_uri``).
+        eval_means: ``metrics/eval.json`` (``{"ours": {...}, "average": {...}, ...}``).
+        cfg: the ``promote`` parameters.
+        test_set: digest of the test set the means come from (``read_test_set_digest``); the
+            champion is the reference only when its recorded digest is the same (both ``None``
+            counts as the same, for stores without digests).
+
+    Returns:
+        The decision (``created`` is False when the version already existed and was decided).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run_id, model_uri = str(train_info.get("run_id") or ""), str(train_info.get("model_uri") or "")
+    if not run_id or not model_uri:
+        raise ValueError("training summary lacks 'run_id' or 'model_uri'")
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise ValueError(f"training summary: 'run_id' {run_id!r} is not an MLflow run id")
+    if not MODEL_NAME_RE.fullmatch(cfg.model_name):
+        raise ValueError(f"promote.model_name {cfg.model_name!r}: only letters, digits, '.', '_' and '-' are allowed")
+    for metric in cfg.compared_metrics():
+        if metric not in eval_means[OURS]:
+            raise ValueError(f"metric '{metric}' (promote.primary/gates) is not in the evaluation means {sorted(eval_means[OURS])}")
+    ours = _finite(eval_means[OURS])
+
+    client = MlflowClient()
+    name = cfg.model_name
+    existing = find_version(client, name, run_id, model_uri)
+    if existing is not None and (existing.tags or {}).get(TAG_DECISION):
+        tags = existing.tags
+        log.info("%s version %s already registered from this model: %s", name, existing.version, tags[TAG_DECISION])
+        return Decision(
+            name, str(existing.version), tags[TAG_DECISION], tags.get(TAG_REASONS, "").split("; "),
+            tags.get(TAG_COMPARED, ""), run_id, model_uri, version_metrics(existing), {}, created=False,
+        )
+    created = existing is None
+    if created:
+        tags = {f"{EVAL_TAG_PREFIX}{m}": f"{v:.6f}" for m, v in ours.items()}
+        tags.update({TAG_SOURCE: model_uri, TAG_RUN: run_id})
+        if test_set:
+            tags[TAG_TEST_SET] = test_set
+        try:
+            version = mlflow.register_model(model_uri, name, tags=tags)
+        except MlflowException as exc:
+            raise ValueError(f"cannot register {model_uri} as '{name}': {exc.message}") from exc
+    else:
+        version = existing
+    vnum = str(version.version)
+
+    champ = champion_version(client, name)
+    if champ is not None and str(champ.version) == vnum:
+        passed, reasons, ref_name, reference = True, ["already the champion"], f"version {vnum}", ours
+    elif champ is not None and (champ.tags or {}).get(TAG_TEST_SET) == test_set:
+        ref_name, reference = f"champion v{champ.version}", version_metrics(champ)
+        passed, reasons = compare(ours, reference, cfg, ref_name)
+    else:
+        if cfg.baseline not in eval_means:
+            raise ValueError(f"no comparable champion and no '{cfg.baseline}' baseline in the evaluation means (promote.baseline)")
+        ref_name, reference = f"baseline {cfg.baseline}", _finite(eval_means[cfg.baseline])
+        passed, reasons = compare(ours, reference, cfg, ref_name)
+        if champ is None:
+            reasons.insert(0, "no champion yet: compared with the pixel baseline")
+        else:
+            theirs = (champ.tags or {}).get(TAG_TEST_SET) or "none recorded"
+            reasons.insert(
+                0,
+                f"champion v{champ.version} was evaluated on another test set (digest {theirs[:12]} vs "
+                f"{(test_set or 'none')[:12]}): not comparable, compared with the {cfg.baseline} baseline of this evaluation",
+            )
+
+    decision = CHAMPION if passed else CHALLENGER
+    client.set_registered_model_alias(name, decision, vnum)
+    client.set_model_version_tag(name, vnum, TAG_DECISION, decision)
+    client.set_model_version_tag(name, vnum, TAG_REASONS, "; ".join(reasons))
+    client.set_model_version_tag(name, vnum, TAG_COMPARED, ref_name)
+    log.info("%s version %s -> @%s (%s)", name, vnum, decision, "; ".join(reasons))
+    return Decision(name, vnum, decision, reasons, ref_name, run_id, model_uri, ours, reference, created=created)
+
+
+def _finite(means: Mapping[str, Any]) -> dict[str, float]:
+    """Drop ``null`` / non-finite means (a missing value fails its comparison)."""
+    return {k: float(v) for k, v in means.items() if v is not None and math.isfinite(float(v))}
+
+
+def write_decision(path: str | Path, decision: Decision) -> Path:
+    """Write the decision as JSON (atomic)."""
+    from pipeline.common.atomic_io import write_text_atomic
+
+    return write_text_atomic(Path(path), json.dumps(decision.to_json(), indent=2) + "\n")

@@ -1,0 +1,588 @@
+"""The ``evaluate`` stage: fuse the test split with our model and the baselines, score, report.
+
+Methods compared (same inputs, same batch inference through Ray Data, same metrics):
+
+- ``average``: pixel average of the IR image and the visible luma, ``round((ir + y) / 2)``;
+- ``maximum``: pixel maximum of the IR image and the visible luma;
+- ``official``: the MDA network with the authors' released weights (only when their file is
+  configured and present);
+- ``ours``: the network trained by the ``train`` stage (checkpoint named in ``models/train.json``).
+
+Every method returns the fused luma put back together with the visible chroma (colour in, colour
+out), exactly as ``mda fuse`` writes it. The metrics follow the published convention (see
+``pipeline.evaluate.metrics``): the fused image is converted BGR -> gray as if read back from its PNG file,
+so ``mda evaluate`` on the written ``fused/<method>/`` folders gives the same numbers.
+
+Outputs (under ``out_dir``): ``per_image.csv`` (``method,name,<metrics>``), ``table.md`` (means
+per method, best value per metric in bold), ``grid.png`` (IR | visible | baselines | ours for a
+few pairs), ``fused/<method>/<name>.png``, ``test_set.json`` (the evaluated pairs and their digest,
+which the ``promote`` stage uses to compare like with like); and the means per method as JSON (the
+DVC metrics file). The report folder is built beside ``out_dir`` and replaces it only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.common.atomic_io import replace_dir, staging_dir, write_json, write_text_atomic
+from pipeline.data.images import find_pairs, merge_luma, read_ir, read_visible, split_luma, write_image
+
+log = logging.getLogger(__name__)
+
+#: Order of the methods in tables and in the grid (ours last).
+METHOD_ORDER: tuple[str, ...] = ("average", "maximum", "official", "ours")
+#: Methods that need no weights.
+PIXEL_METHODS: tuple[str, ...] = ("average", "maximum")
+#: File under the report folder that identifies the evaluated test set (see ``test_set_record``).
+TEST_SET_FILE = "test_set.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The ``evaluate`` section of ``params.yaml``.
+
+    Attributes:
+        official_weights: the authors' released weights (``fusion_model.pth``); ``None``: no such
+            baseline. A configured path that does not exist skips the baseline with a log line, so
+            a fresh clone without ``../shared`` still runs.
+        batch_size: image pairs per Ray Data batch.
+        concurrency: fusion actors (each loads every network once; one GPU each with ``use_gpu``).
+        use_gpu: one GPU per model actor; ``None``: when the Ray cluster has GPUs.
+        grid_pairs: test pairs shown in ``grid.png`` (the first ones by name).
+        grid_tile: (height, width) in pixels of each tile of the grid (images are letterboxed).
+        max_pairs: evaluate only the first N test pairs (quick runs); ``None``: all.
+    """
+
+    official_weights: str | None = None
+    batch_size: int = 2
+    concurrency: int = 1
+    use_gpu: bool | None = None
+    grid_pairs: int = 3
+    grid_tile: tuple[int, int] = (160, 224)
+    max_pairs: int | None = None
+
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any]) -> "EvalConfig":
+        """Validate the ``evaluate`` section (errors name ``evaluate.<key>``)."""
+        from pipeline.common.config import ParamsError, param
+
+        w = "evaluate"
+        tile = param(cfg, "grid_tile", list, where=w, default=[160, 224])
+        if len(tile) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 16 for t in tile):
+            raise ParamsError(f"params: 'evaluate.grid_tile' must be [height, width], integers >= 16, got {tile!r}")
+        return cls(
+            official_weights=param(cfg, "official_weights", str, where=w, default=None),
+            batch_size=param(cfg, "batch_size", int, where=w, default=2, minimum=1),
+            concurrency=param(cfg, "concurrency", int, where=w, default=1, minimum=1),
+            use_gpu=param(cfg, "use_gpu", bool, where=w, default=None),
+            grid_pairs=param(cfg, "grid_pairs", int, where=w, default=3, minimum=0),
+            grid_tile=(int(tile[0]), int(tile[1])),
+            max_pairs=param(cfg, "max_pairs", int, where=w, default=None, minimum=1),
+        )
+
+
+@dataclass
+class EvalResult:
+    """What ``evaluate`` produced.
+
+    Attributes:
+        per_image: rows ``{"method", "name", <metric>: float}``.
+        means: ``{method: {metric: mean}}`` in ``METHOD_ORDER``.
+        skipped: ``{method: reason}`` for baselines that were not run.
+        paths: output name -> file written.
+    """
+
+    per_image: list[dict[str, Any]]
+    means: dict[str, dict[str, float]]
+    skipped: dict[str, str] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def list_test_pairs(registered_dir: str | Path, split_path: str | Path, max_pairs: int | None = None) -> list[dict[str, str]]:
+    """The registered image files of the ``test`` split (paths only: nothing is read here).
+
+    Args:
+        registered_dir: output of the ``register`` stage (``ir/`` and ``vi/``).
+        split_path: ``split.json`` of the ``crop`` stage (``{"test": [pair ids], ...}``).
+        max_pairs: keep only the first N pairs by id.
+
+    Returns:
+        Rows sorted by name: ``name``, ``ir`` and ``vi`` (file paths).
+
+    Raises:
+        FileNotFoundError: a file or folder is missing, or a test pair has no registered images.
+        ValueError: ``split.json`` is malformed or its test split is empty.
+    """
+    registered_dir, split_path = Path(registered_dir), Path(split_path)
+    if not split_path.is_file():
+        raise FileNotFoundError(f"split file not found: {split_path} (run the crop stage)")
+    try:
+        split = json.loads(split_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{split_path}: not valid JSON: {exc}") from exc
+    test = split.get("test") if isinstance(split, dict) else None
+    if not isinstance(test, list) or not all(isinstance(t, str) for t in test):
+        raise ValueError(f"{split_path}: expected a list of pair ids under 'test'")
+    if not test:
+        raise ValueError(f"{split_path}: the test split is empty; raise crop fractions or add pairs")
+    pairs, _ = find_pairs(registered_dir / "ir", registered_dir / "vi")
+    by_stem = {p.stem: p for p in pairs}
+    missing = sorted(set(test) - set(by_stem))
+    if missing:
+        raise FileNotFoundError(f"{registered_dir}: no registered IR/visible images for test pairs {missing[:5]}")
+    names = sorted(test)[: max_pairs or None]
+    return [{"name": n, "ir": str(by_stem[n].ir), "vi": str(by_stem[n].vi)} for n in names]
+
+
+def test_set_record(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """Identify an evaluated test set: ``{"digest", "pairs"}``.
+
+    ``digest`` is the SHA-256 of the sorted pair ids with the names and byte sizes of their
+    registered image files: two evaluations with the same digest scored the same pairs (a
+    re-registration that changes a file's size changes it too), so their means can be compared.
+    """
+    entries = sorted(
+        [r["name"], Path(r["ir"]).name, Path(r["ir"]).stat().st_size, Path(r["vi"]).name, Path(r["vi"]).stat().st_size]
+        for r in rows
+    )
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"digest": digest, "pairs": [e[0] for e in entries]}
+
+
+def read_test_pair(ir_path: str | Path, vi_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a registered pair: ``uint8`` IR (H, W) and visible (H, W, 3) BGR or (H, W).
+
+    Raises:
+        pipeline.data.images.ImageError: a file is missing or unreadable (the message names it).
+        ValueError: the two images differ in size.
+    """
+    ir, vi = read_ir(ir_path), read_visible(vi_path)
+    if vi.shape[:2] != ir.shape:
+        raise ValueError(f"{vi_path}: size {vi.shape[:2]} differs from its IR image {ir.shape}")
+    return ir, vi
+
+
+def _unpack(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
+    img = np.frombuffer(buf, dtype=np.uint8).copy()  # writable: torch.from_numpy warns on read-only memory
+    return img.reshape((h, w) if c == 1 else (h, w, c))
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion methods
+
+
+def fuse_average(ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+    """Pixel-average baseline.
+
+    Args:
+        ir: ``uint8`` (H, W).
+        vi: ``uint8`` BGR (H, W, 3) or gray (H, W).
+
+    Returns:
+        ``uint8`` like ``vi``: ``round((ir + Y) / 2)`` with the visible chroma.
+    """
+    y, crcb = split_luma(vi)
+    fused = np.round((ir.astype(np.float32) + y.astype(np.float32)) / 2.0).astype(np.uint8)
+    return merge_luma(fused, crcb)
+
+
+def fuse_maximum(ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+    """Pixel-maximum baseline: ``max(ir, Y)`` with the visible chroma (shapes as ``fuse_average``)."""
+    y, crcb = split_luma(vi)
+    return merge_luma(np.maximum(ir, y), crcb)
+
+
+class FuseBatch:
+    """Ray Data callable class: fuses each row with the method it names; models loaded once.
+
+    Every actor loads the networks of ``methods`` in ``__init__`` and reuses them for all the
+    batches it receives (the pixel baselines need nothing). The weights travel as bytes with the
+    actor's arguments, so the actors also work on the other nodes of a cluster without a shared
+    filesystem.
+
+    Args:
+        methods: ``{method: (weights file name, weights bytes or their ObjectRef) or None}``
+            (``None`` for the pixel baselines); see ``ship_weights``.
+        use_gpu: run the networks on CUDA.
+    """
+
+    def __init__(self, methods: Mapping[str, tuple[str, Any] | None], use_gpu: bool = False) -> None:
+        self.fns: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+        for method, weights in methods.items():
+            if method == "average":
+                self.fns[method] = fuse_average
+            elif method == "maximum":
+                self.fns[method] = fuse_maximum
+            elif not weights:
+                raise ValueError(f"method {method!r} needs a weights file")
+            else:
+                name, data = weights
+                if not isinstance(data, bytes):  # an ObjectRef nested in the tuple: not resolved by Ray
+                    import ray
+
+                    data = ray.get(data)
+                with tempfile.TemporaryDirectory(prefix="mda-eval-") as tmp:
+                    local = Path(tmp) / Path(name).name
+                    local.write_bytes(data)
+                    try:
+                        self.fns[method] = load_fuser(local, use_gpu=use_gpu)
+                    except ValueError as exc:  # name the user's file, not the temporary copy
+                        raise ValueError(str(exc).replace(str(local), name)) from None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Read each pair of the batch (``name``, ``ir``/``vi`` paths) and fuse it with every method.
+
+        Returns:
+            One row per (pair, method): ``name``, ``method``, ``h``, ``w``, ``c`` (visible
+            channels) and the raw ``uint8`` bytes of ``ir``, ``vi`` and ``fused``.
+        """
+        out: dict[str, list[Any]] = {k: [] for k in ("name", "method", "h", "w", "c", "ir", "vi", "fused")}
+        for name, ir_path, vi_path in zip(batch["name"], batch["ir"], batch["vi"]):
+            ir, vi = read_test_pair(str(ir_path), str(vi_path))
+            for method, fn in self.fns.items():
+                fused = np.ascontiguousarray(fn(ir, vi), dtype=np.uint8)
+                if fused.shape != vi.shape:
+                    raise ValueError(f"{method}: fused shape {fused.shape} differs from visible {vi.shape}")
+                out["name"].append(str(name))
+                out["method"].append(method)
+                out["h"].append(ir.shape[0])
+                out["w"].append(ir.shape[1])
+                out["c"].append(1 if vi.ndim == 2 else vi.shape[2])
+                out["ir"].append(ir.tobytes())
+                out["vi"].append(vi.tobytes())
+                out["fused"].append(fused.tobytes())
+        return {k: np.array(v, dtype=object) if k in ("ir", "vi", "fused") else np.array(v) for k, v in out.items()}
+
+
+def ship_weights(methods: Mapping[str, str | None]) -> dict[str, tuple[str, Any] | None]:
+    """Put the weights files of ``methods`` (``{method: path or None}``) in Ray's object store.
+
+    Returns:
+        ``{method: (file name, ObjectRef of its bytes) or None}`` for ``FuseBatch``: the actors'
+        constructor arguments stay small and every actor fetches the bytes once.
+    """
+    import ray
+
+    return {m: (str(path), ray.put(Path(path).read_bytes())) if path else None for m, path in methods.items()}
+
+
+def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Load a network (our checkpoint or the authors' file) as ``fuser(ir_u8, vi_u8) -> fused_u8``.
+
+    With ``use_gpu`` (and CUDA present) the network is moved to the GPU; ``Fuser`` sends its
+    inputs to the model's device and returns the result on the CPU.
+    """
+    import torch
+
+    from pipeline.model.inference import Fuser
+    from pipeline.model.weights import load_model
+
+    model, info = load_model(weights)
+    if use_gpu and torch.cuda.is_available():
+        model = model.to("cuda")
+    return Fuser(model, postprocess=info.get("postprocess", "clip"))
+
+
+def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data function: the metrics of every fused image of a batch (gray, published convention)."""
+    import cv2
+
+    from pipeline.evaluate.metrics import METRICS, compute_all
+
+    cols: dict[str, list[float]] = {m: [] for m in METRICS}
+    for buf_ir, buf_vi, buf_f, h, w, c in zip(batch["ir"], batch["vi"], batch["fused"], batch["h"], batch["w"], batch["c"]):
+        h, w, c = int(h), int(w), int(c)
+        ir = _unpack(buf_ir, h, w, 1)
+        vi = _unpack(buf_vi, h, w, c)
+        fu = _unpack(buf_f, h, w, c)
+        if c == 3:
+            vi = cv2.cvtColor(vi, cv2.COLOR_BGR2GRAY)
+            fu = cv2.cvtColor(fu, cv2.COLOR_BGR2GRAY)
+        values = compute_all(ir, vi, fu)
+        for m in METRICS:
+            cols[m].append(float(values[m]))
+    out = {k: batch[k] for k in ("method", "name", "fused", "h", "w", "c")}
+    out.update({m: np.asarray(v, dtype=np.float64) for m, v in cols.items()})
+    return out
+
+
+def fuse_and_score(
+    rows: list[dict[str, str]], methods: Mapping[str, str | None], cfg: EvalConfig, use_gpu: bool
+) -> Iterator[dict[str, Any]]:
+    """Fuse every pair with every method and score it, as one streaming Ray Data pipeline.
+
+    ``rows`` hold file paths (``list_test_pairs``): the images are read inside the actors, so the
+    driver never holds the dataset. ``FuseBatch`` runs in ``cfg.concurrency`` actors (one GPU each with ``use_gpu``) and emits one
+    row per (pair, method); the metrics run as parallel tasks.
+
+    Yields:
+        One row per (method, pair), in no particular order: ``method``, ``name``, ``h``, ``w``,
+        ``c``, ``fused`` bytes and the metrics.
+    """
+    import ray
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
+    fused = ds.map_batches(
+        FuseBatch,
+        fn_constructor_kwargs={"methods": ship_weights(methods), "use_gpu": use_gpu},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        **({"num_gpus": 1} if use_gpu else {}),
+    )
+    scored = fused.map_batches(score_batch, batch_size=cfg.batch_size, batch_format="numpy")
+    yield from scored.iter_rows()
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def resolve_methods(checkpoint: str | Path, official_weights: str | Path | None) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Decide which methods run: ``({method: weights or None}, {skipped method: reason})``.
+
+    Raises:
+        FileNotFoundError: our checkpoint is missing.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"trained checkpoint not found: {checkpoint} (run the train stage)")
+    methods: dict[str, str | None] = {"average": None, "maximum": None}
+    skipped: dict[str, str] = {}
+    if official_weights is None:
+        skipped["official"] = "evaluate.official_weights is null"
+    elif not Path(official_weights).is_file():
+        skipped["official"] = f"authors' weights not found at {official_weights}"
+    else:
+        methods["official"] = str(official_weights)
+    for name, reason in skipped.items():
+        log.info("baseline '%s' skipped: %s", name, reason)
+    methods["ours"] = str(checkpoint)
+    return methods, skipped
+
+
+def evaluate(
+    checkpoint: str | Path,
+    registered_dir: str | Path,
+    split_path: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    cfg: EvalConfig,
+) -> EvalResult:
+    """Fuse the test split with every method, score it and write the reports.
+
+    Must run inside ``pipeline.common.ray_runtime.ray_session`` (or with Ray initialised).
+
+    Args:
+        checkpoint: our trained checkpoint (``models/best.pt``).
+        registered_dir: registered images (``data/registered``).
+        split_path: ``data/patches/split.json``.
+        out_dir: folder for ``per_image.csv``, ``table.md``, ``grid.png``, ``test_set.json``,
+            ``fused/`` (replaced as a whole once complete).
+        metrics_path: JSON of the means per method (``metrics/eval.json``).
+        cfg: the ``evaluate`` parameters.
+
+    Returns:
+        The per-image rows, the means, the skipped baselines and the files written.
+    """
+    import ray
+
+    from pipeline.evaluate.metrics import METRICS
+    from pipeline.model.weights import load_model
+
+    methods, skipped = resolve_methods(checkpoint, cfg.official_weights)
+    rows = list_test_pairs(registered_dir, split_path, cfg.max_pairs)
+    for path in filter(None, methods.values()):
+        load_model(path)  # fail here, naming the file, rather than inside a Ray actor
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    log.info("evaluating %d test pairs with %s (GPU: %s)", len(rows), ", ".join(methods), use_gpu)
+
+    out_dir = Path(out_dir)
+    tmp = staging_dir(out_dir)
+    try:
+        per_image: list[dict[str, Any]] = []
+        grid_names = {r["name"] for r in rows[: cfg.grid_pairs]}  # rows are sorted by name
+        fused_images: dict[str, dict[str, np.ndarray]] = {}
+        for r in fuse_and_score(rows, methods, cfg, use_gpu):
+            method, name = str(r["method"]), str(r["name"])
+            img = _unpack(r["fused"], int(r["h"]), int(r["w"]), int(r["c"]))
+            write_image(tmp / "fused" / method / f"{name}.png", img)
+            if name in grid_names:
+                fused_images.setdefault(method, {})[name] = img
+            per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
+        order = {m: i for i, m in enumerate(methods)}
+        per_image.sort(key=lambda r: (order[r["method"]], r["name"]))
+
+        means = mean_per_method(per_image, METRICS)
+        result = EvalResult(per_image=per_image, means=means, skipped=skipped)
+        written = {
+            "per_image": write_per_image_csv(tmp / "per_image.csv", per_image, METRICS),
+            "table": write_text_atomic(tmp / "table.md", markdown_table(means, METRICS, len(rows), skipped)),
+            "test_set": write_json(tmp / TEST_SET_FILE, test_set_record(rows)),
+        }
+        sources = {r["name"]: read_test_pair(r["ir"], r["vi"]) for r in rows if r["name"] in grid_names}
+        grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
+        if grid is not None:
+            written["grid"] = write_image(tmp / "grid.png", grid)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.paths = {key: out_dir / path.relative_to(tmp) for key, path in written.items()}
+    result.paths["metrics"] = write_text_atomic(Path(metrics_path), json.dumps(means_for_json(means), indent=2) + "\n")
+    return result
+
+
+def mean_per_method(per_image: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Means of every metric per method, methods in ``METHOD_ORDER`` (values rounded to 6 digits)."""
+    means: dict[str, dict[str, float]] = {}
+    present = [m for m in METHOD_ORDER if any(r["method"] == m for r in per_image)]
+    present += sorted({r["method"] for r in per_image} - set(present))
+    for method in present:
+        sel = [r for r in per_image if r["method"] == method]
+        means[method] = {m: round(float(np.mean([r[m] for r in sel])), 6) for m in metrics}
+    return means
+
+
+def means_for_json(means: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
+    """The means with non-finite values (e.g. CC of a constant image) as ``None`` (JSON ``null``)."""
+    return {k: {m: (v if np.isfinite(v) else None) for m, v in vals.items()} for k, vals in means.items()}
+
+
+def write_per_image_csv(path: str | Path, per_image: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> Path:
+    """Write ``method,name,<metrics>`` rows (atomic)."""
+    lines = [",".join(["method", "name", *metrics])]
+    for r in per_image:
+        lines.append(",".join([r["method"], r["name"], *(f"{r[m]:.6f}" for m in metrics)]))
+    return write_text_atomic(Path(path), "\n".join(lines) + "\n")
+
+
+def markdown_table(
+    means: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str],
+    n_pairs: int | None = None,
+    skipped: Mapping[str, str] | None = None,
+) -> str:
+    """A Markdown table of the means, one row per method, the best value per metric in bold."""
+    best: dict[str, float] = {}
+    for m in metrics:
+        vals = [v[m] for v in means.values() if v[m] is not None and np.isfinite(v[m])]
+        best[m] = max(vals) if vals else float("nan")  # higher is better for every metric
+    head = "| method | " + " | ".join(metrics) + " |"
+    sep = "|---|" + "---:|" * len(metrics)
+    lines = []
+    if n_pairs is not None:
+        lines += [f"Means over the {n_pairs} test pairs (higher is better; best in bold).", ""]
+    lines += [head, sep]
+    for method, vals in means.items():
+        cells = [_cell(vals[m], best[m]) for m in metrics]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, reason in (skipped or {}).items():
+        lines += ["", f"Baseline `{method}` skipped: {reason}."]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None, best: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"**{value:.4f}**" if np.isclose(value, best) else f"{value:.4f}"
+
+
+def image_grid(
+    sources: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    fused: Mapping[str, Mapping[str, np.ndarray]],
+    n_pairs: int,
+    tile: tuple[int, int],
+    header: int = 24,
+) -> np.ndarray | None:
+    """Build the comparison grid: a labelled header, then one row per pair.
+
+    Columns: IR | visible | each method of ``fused`` in ``METHOD_ORDER``. Every image is
+    letterboxed into a ``tile`` (height, width) cell.
+
+    Returns:
+        ``uint8`` BGR ``(header + n * tile_h, n_cols * tile_w, 3)`` with ``n = min(n_pairs,
+        len(sources))``, or ``None`` when there is nothing to show.
+    """
+    import cv2
+
+    names = sorted(sources)[:n_pairs]
+    if not names:
+        return None
+    methods = [m for m in METHOD_ORDER if m in fused] + sorted(set(fused) - set(METHOD_ORDER))
+    labels = ["IR", "visible", *methods]
+    th, tw = tile
+    grid = np.zeros((header + len(names) * th, len(labels) * tw, 3), dtype=np.uint8)
+    for j, label in enumerate(labels):
+        cv2.putText(grid, label, (j * tw + 6, header - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    for i, name in enumerate(names):
+        ir, vi = sources[name]
+        cells = [ir, vi, *(fused[m][name] for m in methods)]
+        for j, img in enumerate(cells):
+            y0, x0 = header + i * th, j * tw
+            grid[y0 : y0 + th, x0 : x0 + tw] = _letterbox(img, th, tw)
+    return grid
+
+
+def _letterbox(img: np.ndarray, th: int, tw: int) -> np.ndarray:
+    import cv2
+
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    h, w = img.shape[:2]
+    scale = min(th / h, tw / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    cell = np.zeros((th, tw, 3), dtype=np.uint8)
+    y0, x0 = (th - nh) // 2, (tw - nw) // 2
+    cell[y0 : y0 + nh, x0 : x0 + nw] = small
+    return cell
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow
+
+
+def log_to_run(run_id: str, result: EvalResult) -> None:
+    """Log the means (``test_<method>_<metric>``) and every report file to the training run.
+
+    Logs a warning and returns when the run does not exist in the store in force.
+    """
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        log.warning("MLflow run %s not found (%s); evaluation results not logged", run_id, exc)
+        return
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(f"test_{method}_{m}", float(v), now, 0)
+        for method, vals in result.means.items() for m, v in vals.items() if np.isfinite(v)
+    ]
+    for i in range(0, len(batch), 900):
+        client.log_batch(run_id, metrics=batch[i : i + 900])
+    for path in result.paths.values():
+        client.log_artifact(run_id, str(path), artifact_path="eval")

@@ -1,0 +1,177 @@
+"""Fusing image pairs of any size with a trained network, fast on CPU.
+
+- Any size: the MDA network needs heights and widths that are multiples of 8; ``Fuser`` pads the
+  inputs at the bottom/right by reflection (edge replication for images smaller than the pad) and
+  crops the output back.
+- Colour: the visible image's luma ``Y`` is fused with the IR image and recombined with the
+  visible chroma (``pipeline.data.images.split_luma`` / ``merge_luma``); gray in, gray out.
+- Output post-processing (``POSTPROCESS_MODES``):
+
+  * ``"minmax"``: the authors' test procedure: each fused image is stretched min-max to 0-255.
+    The released weights need it (their raw output spans only about 0.30-0.60 on TNO). The
+    authors truncate to integers; we round (at most one grey level brighter, no bias).
+    A constant output (max == min) cannot be stretched and falls back to ``"clip"``.
+  * ``"clip"``: the raw output in [0, 1] times 255, rounded and clipped: what a model trained to
+    produce the final intensities (our checkpoints) should use.
+
+- Speed: ``torch.inference_mode``, eval mode, channels-last memory layout (oneDNN's native layout
+  for these 32-channel convolutions; measured in ``bench/bench_inference.py``), thread count set
+  by the caller (``set_threads``; the ``mda fuse`` default is one thread per available core).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.data.images import merge_luma, split_luma
+from pipeline.model.network import SIZE_MULTIPLE
+
+#: Accepted values of ``postprocess``.
+POSTPROCESS_MODES: tuple[str, ...] = ("minmax", "clip")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks / container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set PyTorch's intra-op thread count (``None``: one per available core); returns it."""
+    n = available_cores() if threads is None else int(threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(n)
+    return n
+
+
+def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE) -> Tensor:
+    """Pad (N, C, H, W) at the bottom/right to multiples of ``multiple``.
+
+    Reflection padding, or edge replication where the image is too small to reflect.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not ph and not pw:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def postprocess(raw: np.ndarray, mode: str) -> np.ndarray:
+    """Turn the raw network output into an 8-bit image.
+
+    Args:
+        raw: (H, W) float, the network output in (0, 1).
+        mode: ``"minmax"`` (per-image stretch to 0-255, rounded) or ``"clip"`` (x255, rounded,
+            clipped to 0-255).
+
+    Returns:
+        ``uint8`` (H, W).
+    """
+    if mode not in POSTPROCESS_MODES:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {mode!r}")
+    raw = np.asarray(raw, dtype=np.float64)
+    if mode == "minmax":
+        lo, hi = float(raw.min()), float(raw.max())
+        if hi - lo > 1e-12:
+            return np.round((raw - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    return np.clip(np.round(raw * 255.0), 0, 255).astype(np.uint8)
+
+
+class Fuser:
+    """Fuse IR/visible pairs of any size with a model, returning 8-bit images.
+
+    Args:
+        model: a network following the model contract (``model(ir, vi) -> fused``).
+        postprocess: ``"minmax"`` or ``"clip"`` (see the module docstring).
+        channels_last: run the convolutions in channels-last layout (faster on CPU; same result
+            within float rounding).
+
+    The model is put in eval mode (and converted to channels-last) in place. ``info`` holds the
+    description returned by ``load_model`` when built with ``from_file`` (else ``{}``).
+
+    Example:
+        >>> model, info = load_model("fusion_model.pth")
+        >>> fuser = Fuser(model, postprocess=info["postprocess"])
+        >>> fused = fuser(ir_u8, vis_bgr_u8)       # (H, W, 3) uint8
+    """
+
+    def __init__(self, model: nn.Module, postprocess: str = "minmax", channels_last: bool = True) -> None:
+        if postprocess not in POSTPROCESS_MODES:
+            raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}")
+        self.postprocess = postprocess
+        self.channels_last = channels_last
+        self.info: dict[str, Any] = {}
+        self.model = model.eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_file(cls, path: str | Path, postprocess: str | None = None, **kwargs: Any) -> "Fuser":
+        """Load weights with ``pipeline.model.weights.load_model``; ``postprocess`` defaults to the
+        weights' own default (``"minmax"`` for the authors' file, ``"clip"`` for ours)."""
+        from pipeline.model.weights import load_model
+
+        model, info = load_model(path)
+        fuser = cls(model, postprocess=postprocess or info["postprocess"], **kwargs)
+        fuser.info = info
+        return fuser
+
+    def fuse_tensor(self, ir: Tensor, vi: Tensor) -> Tensor:
+        """Raw fusion of float tensors of any size.
+
+        Args:
+            ir, vi: (B, 1, H, W) float in [0, 1] (vi = visible luma).
+
+        Returns:
+            (B, 1, H, W) float in (0, 1) on the CPU, before post-processing (the inputs are moved
+            to the model's device).
+        """
+        if ir.shape != vi.shape:
+            raise ValueError(f"IR {tuple(ir.shape)} and visible {tuple(vi.shape)} sizes differ")
+        h, w = ir.shape[-2:]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.inference_mode():
+            x = pad_to_multiple(ir.to(device)).contiguous(memory_format=fmt)
+            y = pad_to_multiple(vi.to(device)).contiguous(memory_format=fmt)
+            out = self.model(x, y)
+        return out[..., :h, :w].float().cpu().contiguous()
+
+    def fuse_luma(self, ir: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Raw fusion of two ``uint8`` (H, W) images -> float32 (H, W) in (0, 1)."""
+        for name, img in (("IR", ir), ("visible luma", y)):
+            if img.dtype != np.uint8 or img.ndim != 2:
+                raise ValueError(f"{name} must be uint8 (H, W), got {img.dtype} {img.shape}")
+        if ir.shape != y.shape:
+            raise ValueError(f"IR {ir.shape} and visible {y.shape} sizes differ")
+        t_ir = torch.from_numpy(ir).float().div_(255.0)[None, None]
+        t_vi = torch.from_numpy(y).float().div_(255.0)[None, None]
+        return self.fuse_tensor(t_ir, t_vi)[0, 0].numpy()
+
+    def __call__(self, ir: np.ndarray, visible: np.ndarray) -> np.ndarray:
+        """Fuse one pair.
+
+        Args:
+            ir: ``uint8`` (H, W).
+            visible: ``uint8`` BGR (H, W, 3) or gray (H, W), same H and W.
+
+        Returns:
+            ``uint8`` BGR (H, W, 3) for a colour visible image, else (H, W).
+        """
+        if visible.shape[:2] != ir.shape[:2]:
+            raise ValueError(f"IR {ir.shape[:2]} and visible {visible.shape[:2]} sizes differ")
+        y, crcb = split_luma(visible)
+        fused_y = postprocess(self.fuse_luma(ir, y), self.postprocess)
+        return merge_luma(fused_y, crcb)

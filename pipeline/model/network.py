@@ -1,0 +1,327 @@
+"""Fusion network architectures, built by name.
+
+The MDA network (Yang et al., "A Multi-scale Information Integration Framework for Infrared and
+Visible Image Fusion", arXiv 2312.04328) as released by its authors, re-written in our own code
+and naming (the layer-by-layer description is in ``../shared/models/mda_official/ARCHITECTURE.md``):
+
+- a shared (siamese) 3x3 stem and residual down-sampling blocks at 1x, 2x and 4x, all three
+  computed in parallel from the stem output; IR and visible go through the same weights (we run
+  them as one batch of 2B, which is the same computation);
+- dual-attention fusion blocks (channel attention x spatial attention, one weight per modality):
+  one shared same-scale block used at 1x/1x, 2x/2x and 4x/4x, one shared cross-scale block used at
+  (IR 2x, VIS 1x) and (IR 4x, VIS 2x) which first up-samples the coarser IR feature;
+- residual up-sampling blocks back to full resolution, a 104-channel concatenation
+  ``[F11, F12, up2(F22), up2(F24), up4(F44)]``, two 3x3 convs and ``tanh(.)/2 + 0.5``.
+
+Unlike the authors' module tree, layers that their forward pass never runs (the up-samplers of the
+same-scale block and the two unused 1x1 ``one`` convs) are not created, so every parameter receives
+a gradient (DDP needs no ``find_unused_parameters``). ``pipeline.model.weights`` maps the authors' state
+dict onto these modules and accounts for the unused tensors explicitly.
+
+Each attention map is computed once per fusion point (the authors' code evaluates them twice).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+#: Name -> constructor of the architectures ``build_model`` knows.
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+#: Input heights and widths must be multiples of this (see ``MDANet``); ``Fuser`` pads to it.
+SIZE_MULTIPLE = 8
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class decorator adding an architecture to the registry under ``name``."""
+
+    def wrap(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name '{name}' registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    """Names accepted by ``build_model``."""
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build an architecture by name.
+
+    Args:
+        name: registry name, e.g. ``"mda"``.
+        **kwargs: constructor arguments (hyper-parameters); omitted ones take the paper's values.
+
+    Raises:
+        ValueError: unknown name, unknown argument or invalid value (the message names it).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model '{name}' (available: {', '.join(available_models())})")
+    cls = _REGISTRY[name]
+    allowed = getattr(cls, "ARG_NAMES", None)
+    if allowed is not None:
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(f"model '{name}': unknown argument(s) {unknown} (allowed: {list(allowed)})")
+    return cls(**kwargs)
+
+
+def model_config(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Read the ``model:`` section of ``params.yaml``.
+
+    Args:
+        cfg: the section (``pipeline.common.config.section(params, "model")``): ``name`` and ``args``.
+
+    Returns:
+        ``(name, args)`` for ``build_model``.
+
+    Raises:
+        pipeline.common.config.ParamsError: naming ``model.<key>``.
+    """
+    from pipeline.common.config import param
+
+    name = param(cfg, "name", str, where="model", default="mda", choices=available_models())
+    args = param(cfg, "args", dict, where="model", default={}) or {}
+    allowed = getattr(_REGISTRY[name], "ARG_NAMES", ())
+    out: dict[str, Any] = {}
+    for key in args:
+        if key not in allowed:
+            from pipeline.common.config import ParamsError
+
+            raise ParamsError(f"params: unknown key 'model.args.{key}' for model '{name}' (allowed: {list(allowed)})")
+        out[key] = param(args, key, int, where="model.args", minimum=1)
+    return name, out
+
+
+def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+def _conv1(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1)
+
+
+def _up3(cin: int, cout: int) -> nn.ConvTranspose2d:
+    """3x3 transposed conv, stride 2: exactly doubles H and W."""
+    return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
+
+
+class ResidualDown(nn.Module):
+    """Residual block, ``width -> width`` channels, spatial stride ``stride`` (1 or 2).
+
+    ``body``: conv3-PReLU-conv3-PReLU-conv3(stride)-conv3; ``skip``: conv3-conv3(stride)-PReLU;
+    output ``body(x) + skip(x)`` with no activation after the sum.
+    """
+
+    def __init__(self, width: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv3(width, width), nn.PReLU(), _conv3(width, width), nn.PReLU(),
+            _conv3(width, width, stride), _conv3(width, width),
+        )
+        self.skip = nn.Sequential(_conv3(width, width), _conv3(width, width, stride), nn.PReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, C, H/stride, W/stride)."""
+        return self.body(x).add_(self.skip(x))  # in place on a conv output: autograd-safe
+
+
+class ResidualUp(nn.Module):
+    """Residual x2 up-sampling block, ``width -> out_channels``.
+
+    ``body``: conv3-PReLU-conv3-PReLU-tconv3(x2)-conv3(-> out); ``skip``: conv3-tconv3(x2, -> out)-PReLU;
+    output ``body(x) + skip(x)``.
+    """
+
+    def __init__(self, width: int, out_channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv3(width, width), nn.PReLU(), _conv3(width, width), nn.PReLU(),
+            _up3(width, width), _conv3(width, out_channels),
+        )
+        self.skip = nn.Sequential(_conv3(width, width), _up3(width, out_channels), nn.PReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, out_channels, 2H, 2W)."""
+        return self.body(x).add_(self.skip(x))
+
+
+class ChannelAttention(nn.Module):
+    """Per-channel weights of the two modalities from the pooled sum of their features.
+
+    ``z = PReLU(conv1x1_{C->C/r}(GAP(ir + vi)))``, ``w_ir = sigmoid(conv1x1(z))``,
+    ``w_vi = sigmoid(conv1x1'(z))`` (two independent heads, no softmax coupling).
+    In a cross-scale block the (coarser) IR feature is first up-sampled by its own tconv + PReLU.
+    """
+
+    def __init__(self, width: int, reduction: int, cross_scale: bool) -> None:
+        super().__init__()
+        self.upsample = nn.Sequential(_up3(width, width), nn.PReLU()) if cross_scale else None
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.squeeze = nn.Sequential(_conv1(width, width // reduction), nn.PReLU())
+        self.excite_ir = nn.Sequential(_conv1(width // reduction, width), nn.Sigmoid())
+        self.excite_vi = nn.Sequential(_conv1(width // reduction, width), nn.Sigmoid())
+
+    def forward(self, ir: Tensor, vi: Tensor) -> tuple[Tensor, Tensor]:
+        """ir (N, C, h, w) (h = H/2 if cross-scale), vi (N, C, H, W) -> two (N, C, 1, 1) in (0, 1)."""
+        if self.upsample is not None:
+            ir = self.upsample(ir)
+        z = self.squeeze(self.pool(ir) + self.pool(vi))  # = GAP(ir + vi), without the full-size sum
+        return self.excite_ir(z), self.excite_vi(z)
+
+
+class SpatialAttention(nn.Module):
+    """Per-pixel, per-channel weight maps of the two modalities.
+
+    ``f = PReLU(conv3_s2(PReLU(conv1x1_{2C->C}([ir, vi]))))`` at half resolution, then
+    ``m_ir = sigmoid(tconv(f))``, ``m_vi = sigmoid(tconv'(f))`` back at the visible resolution.
+    In a cross-scale block the IR feature is first up-sampled by its own tconv + PReLU.
+    """
+
+    def __init__(self, width: int, cross_scale: bool) -> None:
+        super().__init__()
+        self.upsample = nn.Sequential(_up3(width, width), nn.PReLU()) if cross_scale else None
+        self.mix = nn.Sequential(_conv1(2 * width, width), nn.PReLU())
+        self.down = nn.Sequential(_conv3(width, width, stride=2), nn.PReLU())
+        self.map_ir = nn.Sequential(_up3(width, width), nn.Sigmoid())
+        self.map_vi = nn.Sequential(_up3(width, width), nn.Sigmoid())
+
+    def forward(self, ir: Tensor, vi: Tensor) -> tuple[Tensor, Tensor]:
+        """ir (N, C, h, w), vi (N, C, H, W) (H, W even) -> two (N, C, H, W) in (0, 1)."""
+        if self.upsample is not None:
+            ir = self.upsample(ir)
+        f = self.down(self.mix(torch.cat([ir, vi], dim=1)))
+        return self.map_ir(f), self.map_vi(f)
+
+
+class DualAttentionFusion(nn.Module):
+    """Fuse an IR feature with a visible feature: ``ir' * w_ir * m_ir + vi * w_vi * m_vi``.
+
+    ``cross_scale=False``: both inputs at the same resolution. ``cross_scale=True``: IR is at half
+    the visible resolution and ``ir' = ReLU(tconv(ir))``; the two attention modules receive the
+    original IR feature and up-sample it with their own layers (as in the authors' network).
+    """
+
+    def __init__(self, width: int, reduction: int, cross_scale: bool) -> None:
+        super().__init__()
+        self.cross_scale = cross_scale
+        self.upsample = nn.Sequential(_up3(width, width), nn.ReLU()) if cross_scale else None
+        self.channel = ChannelAttention(width, reduction, cross_scale)
+        self.spatial = SpatialAttention(width, cross_scale)
+
+    def attention(self, ir: Tensor, vi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four attention maps, each computed once.
+
+        Returns:
+            ``(w_ir, w_vi, m_ir, m_vi)``: channel weights (N, C, 1, 1) and spatial maps
+            (N, C, H, W), all in (0, 1).
+        """
+        w_ir, w_vi = self.channel(ir, vi)
+        m_ir, m_vi = self.spatial(ir, vi)
+        return w_ir, w_vi, m_ir, m_vi
+
+    def forward(self, ir: Tensor, vi: Tensor) -> Tensor:
+        """ir (N, C, h, w), vi (N, C, H, W) -> fused (N, C, H, W)."""
+        w_ir, w_vi, m_ir, m_vi = self.attention(ir, vi)
+        ir_up = self.upsample(ir) if self.upsample is not None else ir
+        if torch.is_grad_enabled():
+            return ir_up * w_ir * m_ir + vi * w_vi * m_vi
+        # no autograd: reuse the attention maps' memory (saves four full-size allocations)
+        return m_ir.mul_(w_ir).mul_(ir_up).add_(m_vi.mul_(w_vi).mul_(vi))
+
+
+@register_model("mda")
+class MDANet(nn.Module):
+    """The MDA fusion network.
+
+    Args:
+        width: channel width C of every internal feature (paper: 32).
+        reduction: channel-attention squeeze ratio, C -> C / reduction (paper: 8).
+        up2_channels: output channels of the 2x residual up block (paper: 16).
+        up4_channels: output channels of the 4x residual up path (paper: 8).
+
+    The concatenation before the head has ``2 * width + 2 * up2_channels + up4_channels``
+    channels (104 with the paper's values).
+    """
+
+    ARG_NAMES: tuple[str, ...] = ("width", "reduction", "up2_channels", "up4_channels")
+
+    def __init__(self, width: int = 32, reduction: int = 8, up2_channels: int = 16, up4_channels: int = 8) -> None:
+        super().__init__()
+        for key, value in (("width", width), ("reduction", reduction),
+                           ("up2_channels", up2_channels), ("up4_channels", up4_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model 'mda': '{key}' must be a positive integer, got {value!r}")
+        if width % reduction:
+            raise ValueError(f"model 'mda': width ({width}) must be divisible by reduction ({reduction})")
+        self.width = width
+        self.stem = _conv3(1, width)
+        self.enc1 = ResidualDown(width, stride=1)
+        self.enc2 = ResidualDown(width, stride=2)
+        self.enc4 = nn.Sequential(ResidualDown(width, stride=2), ResidualDown(width, stride=2))
+        self.fuse_same = DualAttentionFusion(width, reduction, cross_scale=False)
+        self.fuse_cross = DualAttentionFusion(width, reduction, cross_scale=True)
+        self.dec2 = ResidualUp(width, up2_channels)
+        self.dec4 = nn.Sequential(ResidualUp(width, width), ResidualUp(width, up4_channels))
+        concat = 2 * width + 2 * up2_channels + up4_channels
+        self.head = nn.Sequential(_conv3(concat, width), _conv3(width, 1), nn.Tanh())
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Siamese encoder: (N, 1, H, W) -> features at 1x, 1/2 and 1/4 resolution, (N, C, ., .)."""
+        x0 = self.stem(x)
+        return self.enc1(x0), self.enc2(x0), self.enc4(x0)
+
+    def forward(
+        self, ir: Tensor, vi: Tensor, return_features: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
+        """Fuse an IR image with the visible luma.
+
+        Args:
+            ir: (B, 1, H, W) float in [0, 1]; H and W multiples of 8 (``pipeline.model.inference.Fuser``
+                pads any size).
+            vi: (B, 1, H, W) float in [0, 1], the visible Y channel.
+            return_features: also return the intermediate features.
+
+        Returns:
+            fused (B, 1, H, W) in (0, 1); with ``return_features`` also
+            ``{"ir": [ir1, ir2, ir4], "vi": [vi1, vi2, vi4], "fusion": [F11, F12, F22, F24, F44]}``
+            (encoder features at 1x, 1/2, 1/4 and the fusion-point features before up-sampling).
+
+        Raises:
+            ValueError: shapes differ, are not (B, 1, H, W), or H/W are not multiples of 8.
+        """
+        if ir.shape != vi.shape or ir.ndim != 4 or ir.shape[1] != 1:
+            raise ValueError(
+                f"MDA expects ir and vi of equal shape (B, 1, H, W); got {tuple(ir.shape)} and {tuple(vi.shape)}"
+            )
+        h, w = ir.shape[-2:]
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ValueError(
+                f"MDA needs H and W multiples of {SIZE_MULTIPLE}, got {h}x{w} "
+                "(pipeline.model.inference.Fuser pads any size)"
+            )
+        b = ir.shape[0]
+        e1, e2, e4 = self.encode(torch.cat([ir, vi], dim=0))
+        ir1, vi1 = e1[:b], e1[b:]
+        ir2, vi2 = e2[:b], e2[b:]
+        ir4, vi4 = e4[:b], e4[b:]
+        f11 = self.fuse_same(ir1, vi1)
+        f12 = self.fuse_cross(ir2, vi1)
+        f22 = self.fuse_same(ir2, vi2)
+        f24 = self.fuse_cross(ir4, vi2)
+        f44 = self.fuse_same(ir4, vi4)
+        u2 = self.dec2(torch.cat([f22, f24], dim=0))  # shared weights: one batched call
+        u22, u24 = u2[:b], u2[b:]
+        u44 = self.dec4(f44)
+        fused = self.head(torch.cat([f11, f12, u22, u24, u44], dim=1)) / 2 + 0.5
+        if not return_features:
+            return fused
+        feats = {"ir": [ir1, ir2, ir4], "vi": [vi1, vi2, vi4], "fusion": [f11, f12, f22, f24, f44]}
+        return fused, feats

@@ -1,0 +1,148 @@
+"""The fusion model as an MLflow ``pyfunc``: load it by URI anywhere, or serve it over HTTP.
+
+Input (one row per image pair), a ``pandas.DataFrame`` with two columns, or a dict of the same:
+
+- ``ir``: the infrared image, (H, W) 8-bit values 0-255 (nested lists of ints in JSON, or a
+  ``numpy`` uint8 array in Python);
+- ``vi``: the visible image of the same H and W, (H, W) gray or (H, W, 3) colour in **BGR** order
+  (OpenCV's, as ``pipeline.data.images.read_visible`` returns it), values 0-255.
+
+Output: a ``pandas.DataFrame`` with one column ``fused`` (per row: (H, W) when ``vi`` is gray,
+(H, W, 3) BGR when it is colour, nested lists of ints 0-255) for DataFrame input; for a dict of
+numpy arrays, the fused ``numpy`` uint8 array itself (a list of arrays if the dict holds lists).
+
+Serving: ``mlflow models serve -m <model_uri>`` then POST to ``/invocations``::
+
+    {"dataframe_split": {"columns": ["ir", "vi"], "data": [[IR_HxW_list, VI_HxW_or_HxWx3_list]]}}
+
+The answer is ``{"predictions": [{"fused": [[...]]}]}``.
+
+The weights travel with the model as the artifact ``checkpoint`` (our checkpoint format) and are
+loaded in ``load_context`` with ``pipeline.model.weights.load_model``; the ``pipeline`` package is
+shipped as model code, so loading needs only the pip requirements recorded with the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+
+def _as_u8(value: Any, name: str, row: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype == object or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ValueError(f"row {row}: '{name}' must be an (H, W) or (H, W, 3) array of 0-255 values, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.number) or arr.size == 0:
+            raise ValueError(f"row {row}: '{name}' must hold numbers 0-255")
+        if float(arr.min()) < 0 or float(arr.max()) > 255:
+            raise ValueError(f"row {row}: '{name}' values must be within 0-255, got {arr.min()}..{arr.max()}")
+        arr = np.rint(arr).astype(np.uint8)
+    return arr
+
+
+class FusionPyfunc(mlflow.pyfunc.PythonModel):
+    """``pyfunc`` wrapper around ``pipeline.model.inference.Fuser`` (see the module docstring for I/O)."""
+
+    def load_context(self, context: Any) -> None:
+        """Load the network from the ``checkpoint`` artifact."""
+        from pipeline.model.inference import Fuser
+        from pipeline.model.weights import load_model
+
+        model, info = load_model(context.artifacts["checkpoint"])
+        self._fuser = Fuser(model, postprocess=info.get("postprocess", "clip"))
+
+    def fuse(self, ir: Any, vi: Any, row: int = 0) -> np.ndarray:
+        """Fuse one pair: ir (H, W) and vi (H, W) or (H, W, 3) BGR, 0-255 -> uint8 like ``vi``."""
+        ir_u8 = _as_u8(ir, "ir", row)
+        vi_u8 = _as_u8(vi, "vi", row)
+        if ir_u8.ndim != 2:
+            raise ValueError(f"row {row}: 'ir' must be a single-channel (H, W) image, got shape {ir_u8.shape}")
+        if ir_u8.shape != vi_u8.shape[:2]:
+            raise ValueError(f"row {row}: 'ir' {ir_u8.shape} and 'vi' {vi_u8.shape[:2]} differ in size")
+        return np.asarray(self._fuser(ir_u8, vi_u8), dtype=np.uint8)
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow infers schemas from hints
+        """Fuse every row (DataFrame) or the arrays of a dict (see the module docstring)."""
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            missing = {"ir", "vi"} - set(model_input.columns)
+            if missing:
+                raise ValueError(f"input lacks column(s) {sorted(missing)}; expected 'ir' and 'vi'")
+            fused = [self.fuse(r.ir, r.vi, i).tolist() for i, r in enumerate(model_input.itertuples(index=False))]
+            return pd.DataFrame({"fused": fused})
+        if isinstance(model_input, dict):
+            if "ir" not in model_input or "vi" not in model_input:
+                raise ValueError("input dict needs keys 'ir' and 'vi'")
+            ir, vi = model_input["ir"], model_input["vi"]
+            if isinstance(ir, (list, tuple)) and isinstance(vi, (list, tuple)) and ir and np.asarray(ir[0]).ndim == 2:
+                return [self.fuse(a, b, i) for i, (a, b) in enumerate(zip(ir, vi))]
+            return self.fuse(ir, vi)
+        raise ValueError(f"unsupported input type {type(model_input).__name__}: pass a DataFrame or a dict")
+
+
+def signature_and_example(size: tuple[int, int] = (16, 16)) -> tuple[Any, Any]:
+    """The model signature (columns ``ir``, ``vi`` in, ``fused`` out) and a small input example."""
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+    sig = ModelSignature(
+        inputs=Schema([ColSpec(Array(Array(DataType.long)), "ir"), ColSpec(AnyType(), "vi")]),
+        outputs=Schema([ColSpec(AnyType(), "fused")]),
+    )
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    ir = ((xx * 255) // max(w - 1, 1)).astype(np.uint8)
+    vi = ((yy * 255) // max(h - 1, 1)).astype(np.uint8)
+    example = pd.DataFrame({"ir": [ir.tolist()], "vi": [vi.tolist()]})
+    return sig, example
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the model environment (those of this process)."""
+    import importlib.metadata as md
+
+    import torch
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    for dist in ("mlflow", "numpy", "pandas", "opencv-python-headless", "pyyaml"):
+        try:
+            reqs.append(f"{dist}=={md.version(dist)}")
+        except md.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_fusion_model(checkpoint: str | Path, name: str = "model") -> str:
+    """Log ``checkpoint`` as a ``pyfunc`` model into the active MLflow run.
+
+    Args:
+        checkpoint: a weights file readable by ``pipeline.model.weights.load_model``.
+        name: model name inside the run.
+
+    Returns:
+        The model URI (``models:/<model id>``), loadable with ``mlflow.pyfunc.load_model``.
+    """
+    import mlflow
+
+    import pipeline
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    sig, example = signature_and_example()
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=FusionPyfunc(),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(pipeline.__file__).parent)],
+        signature=sig,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
+    return info.model_uri

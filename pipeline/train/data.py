@@ -1,0 +1,265 @@
+"""Training and validation data for the ``train`` stage.
+
+Training reads the patch table of the ``stats`` stage (``data/stats/patches/part-*.parquet``) with
+Ray Data, keeps the ``split == "train"`` rows and turns each batch into float tensors on the
+worker (``PatchCollate``). Validation uses whole registered images of the ``val`` pairs
+(``data/registered`` + ``data/patches/split.json``) with the image-level adaptive weights of
+``data/stats/images.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline.data.stats import WEIGHT_NAMES as WEIGHT_KEYS
+
+#: ``train.sample_weights`` -> prefix of the stats stage's weight columns used as the loss weights:
+#: ``image``: the image-level weights of the patch's source pair (``img_w_*``); ``patch``: the
+#: patch's own weights (``w_*``).
+WEIGHT_PREFIXES: dict[str, str] = {"image": "img_w_", "patch": "w_"}
+
+
+def weight_columns(sample_weights: str = "image") -> tuple[str, ...]:
+    """The patch-table columns holding the loss weights for ``train.sample_weights``.
+
+    Raises:
+        ValueError: an unknown ``sample_weights``.
+    """
+    if sample_weights not in WEIGHT_PREFIXES:
+        raise ValueError(f"train.sample_weights must be one of {sorted(WEIGHT_PREFIXES)}, got {sample_weights!r}")
+    return tuple(f"{WEIGHT_PREFIXES[sample_weights]}{k}" for k in WEIGHT_KEYS)
+
+
+def patch_columns(sample_weights: str = "image") -> tuple[str, ...]:
+    """Columns that training reads from the stats stage's patch table (see the team contract)."""
+    return ("pair_id", "size", "ir", "vi") + weight_columns(sample_weights)
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no Parquet patch files in {folder} (run the crop and stats stages: dvc repro stats)")
+    return files
+
+
+def decode_patches(batch: Mapping[str, np.ndarray], sample_weights: str = "image") -> dict[str, np.ndarray]:
+    """Decode a batch of patch rows into arrays.
+
+    Args:
+        batch: columns of ``patch_columns(sample_weights)``; ``ir``/``vi`` hold ``size * size``
+            uint8 bytes (row-major, decoded by ``pipeline.data.crop.decode_patches``).
+        sample_weights: ``"image"`` (weights from the ``img_w_*`` columns) or ``"patch"``
+            (``w_*``), see ``weight_columns``.
+
+    Returns:
+        ``ir``, ``vi``: (N, 1, S, S) float32 in [0, 1]; ``int_ir``, ``int_vi``, ``det_ir``,
+        ``det_vi``: (N,) float32 loss weights.
+
+    Raises:
+        ValueError: a missing column, mixed patch sizes or a byte string of the wrong length.
+    """
+    from pipeline.data.crop import decode_patches as decode_bytes
+
+    wcols = weight_columns(sample_weights)
+    missing = [c for c in ("size", "ir", "vi", *wcols) if c not in batch]
+    if missing:
+        raise ValueError(f"patch table lacks column(s) {missing} (expected the stats stage's output; "
+                         f"train.sample_weights={sample_weights})")
+    sizes = np.unique(np.asarray(batch["size"]))
+    if sizes.size != 1:
+        raise ValueError(f"patch batch mixes patch sizes {sizes.tolist()}; crop all patches to one size")
+    s = int(sizes[0])
+    out: dict[str, np.ndarray] = {}
+    for key in ("ir", "vi"):
+        try:
+            u8 = decode_bytes(batch[key], s)
+        except ValueError as exc:
+            raise ValueError(f"patch column '{key}': {exc}") from exc
+        out[key] = u8[:, None].astype(np.float32) / np.float32(255.0)
+    for k, col in zip(WEIGHT_KEYS, wcols):
+        out[k] = np.asarray(batch[col], dtype=np.float32)
+    return out
+
+
+def _numpy_collate_base() -> type:
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    return NumpyBatchCollateFn
+
+
+class PatchCollate:
+    """``iter_torch_batches`` collate function: patch rows -> dict of tensors on ``device``.
+
+    Subclasses Ray's ``NumpyBatchCollateFn`` lazily (Ray is imported only when used). Output as in
+    ``decode_patches``, as ``torch.float32`` tensors.
+    """
+
+    def __new__(cls, device: Any = "cpu", sample_weights: str = "image"):  # noqa: D102 - builds the Ray subclass
+        base = _numpy_collate_base()
+        weight_columns(sample_weights)  # fail here, not in the first batch
+
+        class _Collate(base):  # type: ignore[misc, valid-type]
+            def __init__(self, device: Any, sample_weights: str) -> None:
+                super().__init__()
+                self.device = device
+                self.sample_weights = sample_weights
+
+            def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+                import torch
+
+                arrays = decode_patches(batch, self.sample_weights)
+                return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+
+        _Collate.__name__ = _Collate.__qualname__ = "PatchCollate"
+        return _Collate(device, sample_weights)
+
+
+def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sample_weights: str = "image"):
+    """Ray Dataset of the training patches (``split == "train"``) of the stats stage.
+
+    Sets the driver's Ray Data context with ``pipeline.data.crop.ordered_data_context`` (order
+    preserved), so that ``limit`` keeps the first rows in file order and ``materialize`` stores
+    them in that order.
+
+    Args:
+        patches_dir: folder of ``part-*.parquet`` with the patch and weight columns.
+        max_patches: keep only the first N training rows (file order), ``None``: all.
+        sample_weights: which weight columns to read (``weight_columns``).
+
+    Returns:
+        ``ray.data.Dataset`` with ``patch_columns(sample_weights)`` (bytes undecoded:
+        ``PatchCollate`` decodes them on the training worker).
+
+    Raises:
+        FileNotFoundError: no Parquet files in ``patches_dir``.
+        ValueError: the files lack a needed column (named).
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from pipeline.data.crop import ordered_data_context
+
+    files = _parquet_files(Path(patches_dir))
+    columns = list(patch_columns(sample_weights))
+    missing = [c for c in [*columns, "split"] if c not in pq.read_schema(files[0]).names]
+    if missing:
+        raise ValueError(f"{files[0]}: lacks column(s) {missing} needed with train.sample_weights={sample_weights} "
+                         "(run the stats stage: dvc repro stats)")
+    ordered_data_context()
+    ds = ray.data.read_parquet([str(f) for f in files], columns=columns + ["split"])
+    ds = ds.filter(expr="split == 'train'").select_columns(columns)
+    if max_patches is not None:
+        ds = ds.limit(max_patches)
+    return ds
+
+
+def count_train_patches(patches_dir: str | Path) -> int:
+    """Number of ``split == "train"`` rows, read from the Parquet files directly (no Ray)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in _parquet_files(Path(patches_dir)):
+        col = pq.read_table(f, columns=["split"])["split"]
+        total += int(pc.sum(pc.equal(col, "train")).as_py() or 0)
+    return total
+
+
+@dataclass(frozen=True)
+class ValPair:
+    """One whole validation pair.
+
+    Attributes:
+        stem: pair id.
+        ir: (H, W) uint8 IR image.
+        vi_y: (H, W) uint8 visible luma (or the gray visible image).
+        vi_crcb: (H, W, 2) uint8 chroma of a colour visible image, ``None`` for gray.
+        weights: image-level adaptive weights ``int_ir``, ``int_vi``, ``det_ir``, ``det_vi``.
+    """
+
+    stem: str
+    ir: np.ndarray
+    vi_y: np.ndarray
+    vi_crcb: np.ndarray | None
+    weights: dict[str, float]
+
+
+def val_pair_ids(split_json: str | Path) -> list[str]:
+    """The ``val`` pair ids of the crop stage's ``split.json``."""
+    path = Path(split_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path} (run the crop stage)")
+    try:
+        split = json.loads(path.read_text())
+        ids = split["val"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: expected a JSON object with a 'val' list of pair ids ({exc})") from exc
+    return [str(i) for i in ids]
+
+
+def load_val_pairs(
+    registered_dir: str | Path,
+    split_json: str | Path,
+    images_parquet: str | Path,
+    max_pairs: int | None = None,
+) -> list[ValPair]:
+    """Load the whole registered images of the validation pairs.
+
+    Args:
+        registered_dir: the register stage's folder (``ir/<stem>.png``, ``vi/<stem>.png``).
+        split_json: the crop stage's ``split.json``.
+        images_parquet: the stats stage's per-pair table with the image weights ``w_int_ir``,
+            ``w_int_vi``, ``w_det_ir``, ``w_det_vi`` (or the same with an ``img_`` prefix).
+        max_pairs: keep the first N val pairs (sorted by id), ``None``: all.
+
+    Returns:
+        Pairs sorted by id (may be empty when the split has no val pairs).
+
+    Raises:
+        FileNotFoundError / ValueError: a missing file or a val pair absent from the tables.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.data.images import IMAGE_EXTENSIONS, read_ir, read_visible, split_luma
+
+    ids = sorted(val_pair_ids(split_json))
+    if max_pairs is not None:
+        ids = ids[:max_pairs]
+    if not ids:
+        return []
+    images_parquet = Path(images_parquet)
+    if not images_parquet.is_file():
+        raise FileNotFoundError(f"per-pair statistics not found: {images_parquet} (run the stats stage)")
+    table = pq.read_table(images_parquet).to_pandas().set_index("pair_id")
+    registered_dir = Path(registered_dir)
+    pairs = []
+    for stem in ids:
+        if stem not in table.index:
+            raise ValueError(f"{images_parquet}: no row for val pair '{stem}'")
+        row = table.loc[stem]
+        prefix = "w_" if all(f"w_{k}" in table.columns for k in WEIGHT_KEYS) else "img_w_"
+        missing = [f"{prefix}{k}" for k in WEIGHT_KEYS if f"{prefix}{k}" not in table.columns]
+        if missing:
+            raise ValueError(f"{images_parquet}: lacks the image weight column(s) {missing} (w_int_ir, ... expected)")
+        weights = {k: float(row[f"{prefix}{k}"]) for k in WEIGHT_KEYS}
+        ir_path = _find_image(registered_dir / "ir", stem, IMAGE_EXTENSIONS)
+        vi_path = _find_image(registered_dir / "vi", stem, IMAGE_EXTENSIONS)
+        ir = read_ir(ir_path)
+        vi_y, crcb = split_luma(read_visible(vi_path))
+        if ir.shape != vi_y.shape:
+            raise ValueError(f"val pair '{stem}': IR {ir.shape} and visible {vi_y.shape} differ in size")
+        pairs.append(ValPair(stem, ir, vi_y, crcb, weights))
+    return pairs
+
+
+def _find_image(folder: Path, stem: str, extensions: Any) -> Path:
+    for ext in extensions:
+        path = folder / f"{stem}{ext}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"registered image for val pair '{stem}' not found in {folder}")

@@ -1,0 +1,87 @@
+"""The cluster path for real: a `ray start --head` on loopback, the register stage joins it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from pipeline.demo import generate_demo
+from pipeline.common.ray_runtime import ray_options, resolve_address
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_address_resolution(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert resolve_address(None) == "127.0.0.1:1" and resolve_address("auto") == "auto"
+    assert ray_options({"ray": {"address": None, "num_cpus": 2}}) == {"address": None, "num_cpus": 2}
+
+
+def test_register_stage_on_an_existing_cluster(tmp_path, ray_fresh):
+    ray_bin = Path(sys.executable).with_name("ray")
+    if not ray_bin.exists():
+        pytest.skip("ray CLI not installed next to this Python")
+    port = _free_port()
+    temp = Path("/tmp") / f"mda-ray-{os.getpid()}-{port}"  # short: Ray's socket paths are length-limited
+    # Token authentication off for this throw-away loopback cluster (head, probe and driver alike),
+    # so the test does not depend on a token file in the user's home.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    # Our own head in its own process group (--block keeps it in the foreground): we stop exactly
+    # this cluster by signalling the group; `ray stop` would kill every cluster on the machine.
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+    )
+    try:
+        generate_demo(tmp_path / "raw", num_pairs=3, height=64, width=80, seed=4)
+        params = tmp_path / "params.yaml"
+        params.write_text(f"ray:\n  address: null\nregister:\n  raw_dir: {tmp_path / 'raw'}\n")
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:  # wait until the head answers
+            probe = subprocess.run([str(ray_bin), "status", f"--address=127.0.0.1:{port}"],
+                                   capture_output=True, text=True, env=env)
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.time() > deadline:
+                pytest.fail(f"ray head did not start: {probe.stdout}{probe.stderr}")
+            time.sleep(1)
+        run = subprocess.run(
+            [sys.executable, "stages/register.py", "--params", str(params), "--out", str(tmp_path / "out"),
+             "--no-progress"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "3 pairs found, 3 accepted" in run.stdout
+        assert "starting a local Ray" not in run.stderr  # it joined our cluster
+        table = pq.read_table(tmp_path / "out/manifest.parquet")
+        assert table.num_rows == 3 and set(table.column("status").to_pylist()) == {"ok"}
+        assert len(list((tmp_path / "out/vi").glob("*.png"))) == 3
+        # the cluster really ran the job: its session logs hold our driver
+        assert any(temp.glob("session_*/logs/*worker*")), "no worker logs in the cluster's temp dir"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
