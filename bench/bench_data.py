@@ -100,9 +100,10 @@ def run_loop(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.data import stats as C
+    from pipeline.data import stats_stage as C
     from pipeline.common.atomic_io import write_json
-    from pipeline.data.crop import SPLITS, crop_shard, plan_crop, plan_shards
+    from pipeline.data.contracts import SPLITS
+    from pipeline.data.crop import crop_shard, plan_crop, plan_shards
 
     items, record = plan_crop(reg, crop_cfg)
     patches = out / "patches"
@@ -143,7 +144,7 @@ def run_loop(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
 
 def run_ray(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
     """The stages' code: ``crop_dataset`` then ``compute_stats`` on the running Ray."""
-    from pipeline.data.stats import compute_stats
+    from pipeline.data.stats_stage import compute_stats
     from pipeline.data.crop import crop_dataset
 
     record = crop_dataset(reg, out / "patches", crop_cfg)
@@ -155,7 +156,7 @@ def child(args: argparse.Namespace) -> int:
     """One timed run (``--child MODE``); prints a JSON line."""
     import logging
 
-    from pipeline.data.stats import StatsConfig
+    from pipeline.data.stats_stage import StatsConfig
     from pipeline.common.config import load_params, section
     from pipeline.data.crop import CropConfig
 

@@ -6,33 +6,28 @@ Usage: ``python stages/crop.py --params params.yaml --registered data/registered
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from typing import Any, Mapping
 
-from pipeline.common.config import load_params, section
-from pipeline.common.ray_runtime import ray_options, ray_session
+from pipeline.common.config import section
+from pipeline.common.stage import Arg, run_stage
+from pipeline.data.contracts import SPLITS
+from pipeline.data.crop import CropConfig, crop_dataset
+
+
+def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
+    """The stage's work; returns its summary."""
+    cfg = CropConfig.from_params(section(params, "crop"))
+    record = crop_dataset(args.registered, args.out, cfg)
+    pairs = {name: len(record[name]) for name in SPLITS}
+    return f"crop: {sum(record['counts'].values())} patches {record['counts']} from pairs {pairs} -> {args.out}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameter file")
-    parser.add_argument("--registered", required=True, help="registered folder (ir/, vi/, manifest.parquet)")
-    parser.add_argument("--out", required=True, help="patch folder (part-*.parquet, split.json)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from pipeline.data.crop import CropConfig, crop_dataset
-
-        params = load_params(args.params)
-        cfg = CropConfig.from_params(section(params, "crop"))
-        with ray_session(**ray_options(params)):
-            record = crop_dataset(args.registered, args.out, cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"crop: error: {exc}", file=sys.stderr)
-        return 1
-    pairs = {name: len(record[name]) for name in ("train", "val", "test")}
-    print(f"crop: {sum(record['counts'].values())} patches {record['counts']} from pairs {pairs} -> {args.out}")
-    return 0
+    """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
+    return run_stage("crop", __doc__, run,
+                     Arg("--registered", "registered folder (ir/, vi/, manifest.parquet)"),
+                     Arg("--out", "patch folder (part-*.parquet, split.json)"), ray=True, argv=argv)
 
 
 if __name__ == "__main__":

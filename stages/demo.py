@@ -7,29 +7,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Mapping
 
-from pipeline.common.config import load_params, param, section
+from pipeline.common.config import section
+from pipeline.common.stage import Arg, run_stage
+from pipeline.data.demo import generate_demo
+from pipeline.data.demo_options import DemoOptions
+
+
+def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
+    """The stage's work; returns its summary."""
+    o = DemoOptions.from_params(section(params, "demo"))
+    stems = generate_demo(args.out, o.num_pairs, o.height, o.width, o.seed)
+    return f"demo: wrote {len(stems)} pairs ({o.height}x{o.width}, seed {o.seed}) to {args.out}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameter file")
-    parser.add_argument("--out", required=True, help="output folder (ir/ and vi/ are written in it)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = section(load_params(args.params), "demo")
-        num_pairs = param(cfg, "num_pairs", int, where="demo", default=12, minimum=1)
-        height = param(cfg, "height", int, where="demo", default=160, minimum=32)
-        width = param(cfg, "width", int, where="demo", default=224, minimum=32)
-        seed = param(cfg, "seed", int, where="demo", default=2024)
-        from pipeline.demo import generate_demo
-
-        stems = generate_demo(args.out, num_pairs, height, width, seed)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"demo: wrote {len(stems)} pairs ({height}x{width}, seed {seed}) to {args.out}")
-    return 0
+    """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
+    return run_stage("demo", __doc__, run, Arg("--out", "output folder (ir/ and vi/ are written in it)"), argv=argv)
 
 
 if __name__ == "__main__":

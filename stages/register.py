@@ -9,32 +9,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Mapping
 
-from pipeline.common.config import load_params, param, section
-from pipeline.common.ray_runtime import ray_options, ray_session
+from pipeline.common.config import param, section
+from pipeline.common.stage import Arg, run_stage
+from pipeline.data.register import register_dataset
+from pipeline.data.register_options import AlignOptions
+
+
+def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
+    """The stage's work; returns its summary."""
+    cfg = section(params, "register")
+    raw = Path(args.raw or param(cfg, "raw_dir", str, where="register"))
+    options = AlignOptions.from_params(cfg)
+    summary = register_dataset(raw / "ir", raw / "vi", args.out, options, progress=not args.no_progress)
+    return summary.format()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameter file")
-    parser.add_argument("--raw", default=None, help="raw data folder (default: register.raw_dir)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        from pipeline.data.register import AlignOptions, register_dataset
-
-        params = load_params(args.params)
-        cfg = section(params, "register")
-        raw = Path(args.raw or param(cfg, "raw_dir", str, where="register"))
-        options = AlignOptions.from_params(cfg)
-        with ray_session(**ray_options(params)):
-            summary = register_dataset(raw / "ir", raw / "vi", args.out, options, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"register: error: {exc}", file=sys.stderr)
-        return 1
-    print(summary.format())
-    return 0
+    """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
+    return run_stage("register", __doc__, run,
+                     Arg("--raw", "raw data folder (default: register.raw_dir)", {"default": None}),
+                     Arg("--out", "output folder"),
+                     Arg("--no-progress", "no progress bar", {"action": "store_true"}), ray=True, argv=argv)
 
 
 if __name__ == "__main__":

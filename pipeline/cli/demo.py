@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.data.demo_options import DemoOptions
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``mda demo``."""
@@ -18,17 +20,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("-n", "--num-pairs", type=int, default=12, help="number of pairs (default: 12)")
-    parser.add_argument("--height", type=int, default=160, help="image height in pixels (default: 160)")
-    parser.add_argument("--width", type=int, default=224, help="image width in pixels (default: 224)")
-    parser.add_argument("--seed", type=int, default=2024, help="random seed (default: 2024)")
+    d = DemoOptions()
+    parser.add_argument("-n", "--num-pairs", type=int, default=d.num_pairs, help=f"number of pairs (default: {d.num_pairs})")
+    parser.add_argument("--height", type=int, default=d.height, help=f"image height in pixels (default: {d.height})")
+    parser.add_argument("--width", type=int, default=d.width, help=f"image width in pixels (default: {d.width})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset; returns the exit code."""
-    from pipeline.demo import generate_demo
+    from pipeline.data.demo import generate_demo
 
     stems = generate_demo(args.out, args.num_pairs, args.height, args.width, args.seed)
     print(f"wrote {len(stems)} pairs ({args.height}x{args.width}) to {args.out}/ir and {args.out}/vi")

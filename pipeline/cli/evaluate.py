@@ -63,7 +63,7 @@ def format_means(df: "pandas.DataFrame") -> str:  # noqa: F821
 def run(args: argparse.Namespace) -> int:
     """Score the folder, write the CSV atomically, print the means and what was skipped."""
     from pipeline.common.atomic_io import write_text_atomic
-    from pipeline.evaluate.metrics import evaluate_folder
+    from pipeline.evaluate.score import evaluate_folder
 
     if args.output.suffix.lower() != ".csv":
         raise ValueError(f"--output {args.output}: expected a .csv file name")

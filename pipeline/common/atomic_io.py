@@ -1,4 +1,5 @@
-"""Atomic file and folder output: a stage that fails never leaves a half-written result behind.
+"""Atomic file and folder output (a stage that fails never leaves a half-written result behind),
+and the one reader of the JSON files stages write.
 
 Every writer goes through a temporary file (or folder) next to the target, then ``os.replace``,
 so readers see either the old complete output or the new complete one.
@@ -87,3 +88,31 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_object(path: str | Path, what: str, hint: str | None = None, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a JSON object written by a stage (the one JSON reader, so every one fails alike).
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``"split file"``).
+        hint: how to make it, added to the not-found message (``"run the crop stage"``).
+        required: keys that must be present and non-empty.
+
+    Raises:
+        FileNotFoundError: the file is missing (the message names it and the hint).
+        ValueError: not JSON, not an object, or a required key missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}" + (f" ({hint})" if hint else ""))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for key in required:
+        if data.get(key) in (None, "", [], {}):
+            raise ValueError(f"{path}: missing '{key}'")
+    return data

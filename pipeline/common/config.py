@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import yaml
 
 _MISSING = object()
+_T = TypeVar("_T")
+#: ``setting(REQUIRED, ...)``: a key without default.
+REQUIRED: Any = _MISSING
 
 
 class ParamsError(ValueError):
@@ -107,6 +111,82 @@ def param(
     if maximum is not None and value > maximum:
         raise ParamsError(f"params: '{full}' must be <= {maximum}, got {value!r}")
     return value
+
+
+def setting(
+    default: Any,
+    kind: type | tuple[type, ...],
+    *,
+    convert: Callable[[Any, str], Any] | None = None,
+    **checks: Any,
+) -> Any:
+    """A settings-dataclass field whose default and validation are written once.
+
+    Args:
+        default: the default (a list/dict/set default is copied per instance); :data:`REQUIRED`
+            for a key that must be given (the field must then come before defaulted ones).
+        kind: accepted type(s) in ``params.yaml`` (as :func:`param`).
+        convert: ``convert(value, full_key)`` turns the checked value into the field's value
+            (e.g. a list into a tuple, with its own checks); raise ``ParamsError`` naming the key.
+        **checks: ``choices``, ``minimum``, ``maximum``, ``allow_none`` of :func:`param`.
+
+    Example:
+        >>> @dataclass(frozen=True)
+        ... class CropConfig:
+        ...     patch_size: int = setting(64, int, minimum=8)
+    """
+    spec = {"kind": kind, "convert": convert, "checks": checks}
+    if default is _MISSING:
+        return dataclasses.field(metadata={"param": spec})
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"param": spec})
+    return dataclasses.field(default=default, metadata={"param": spec})
+
+
+def read_settings(cls: type[_T], cfg: Mapping[str, Any], where: str, ignore: Iterable[str] = ()) -> _T:
+    """Build the settings dataclass ``cls`` from its ``params.yaml`` section.
+
+    Every field declared with :func:`setting` is read with :func:`param` (its default when the key
+    is absent); fields without it keep their defaults. Keys of the section that are no field (and
+    not in ``ignore``) are errors, so a typo is not silently replaced by a default.
+
+    Raises:
+        ParamsError: naming ``where.key``.
+    """
+    if cfg is not None and not isinstance(cfg, Mapping):
+        raise ParamsError(f"params: section '{where}' must be a mapping, got {type(cfg).__name__}")
+    cfg = cfg or {}
+    known = {f.name for f in dataclasses.fields(cls)} | set(ignore)  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in cfg if k not in known)
+    if unknown:
+        raise ParamsError(f"params: unknown key(s) {[f'{where}.{k}' for k in unknown]} (known: {sorted(known)})")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        spec = f.metadata.get("param")
+        if spec is None or not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = _MISSING
+        value = param(cfg, f.name, spec["kind"], where=where, default=default, **spec["checks"])
+        if spec["convert"] is not None and value is not None:
+            value = spec["convert"](value, f"{where}.{f.name}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a settings dataclass as a plain dict (for ``--help`` texts and docs)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

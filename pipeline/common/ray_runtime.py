@@ -13,6 +13,12 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
+import ray
+from ray.data import DataContext
+from ray.exceptions import RayTaskError
+
+from pipeline.common.config import param
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +44,6 @@ def ray_session(
     Yields:
         ``ray.cluster_resources()`` of the instance in use.
     """
-    import ray
 
     _plain_task_errors()
     if ray.is_initialized():
@@ -71,7 +76,6 @@ def _plain_task_errors() -> None:
     traceback; the stages and the CLI turn ``ValueError``/``FileNotFoundError`` into one-line
     messages, which needs the original type.
     """
-    from ray.data import DataContext
 
     DataContext.get_current().raise_original_map_exception = True
 
@@ -85,7 +89,6 @@ def _original_task_errors() -> Iterator[None]:
     ``ParamsError``, ``FileNotFoundError``...) are re-raised plain, so the stages and the CLI print
     one line naming the file.
     """
-    from ray.exceptions import RayTaskError
 
     try:
         yield
@@ -96,9 +99,29 @@ def _original_task_errors() -> Iterator[None]:
         raise
 
 
+def configure_data_context() -> None:
+    """Configure Ray Data the same way for every stage (the one place for these settings).
+
+    - keep the input order (deterministic rows, shard names and results);
+    - no per-operator resource reservation: by default Ray Data reserves part of the cluster's
+      CPUs for operators other than the running one, which in the stages' short
+      ``from_items -> map`` pipelines leaves the map with half the cores (measured on 2 cores: 28
+      tasks of 0.2 s CPU took 6.1 s through Ray Data with reservation, 3.1 s without, 2.9 s as
+      plain Ray tasks);
+    - no Ray progress bars or execution banners (the stages print their own progress);
+    - a failing map re-raises the task's own exception (see ``_plain_task_errors``).
+    """
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.op_resource_reservation_enabled = False
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True
+
+
 def ray_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """Read the shared ``ray`` section of ``params.yaml`` into ``ray_session`` keyword arguments."""
-    from pipeline.common.config import param
 
     cfg = params.get("ray") or {}
     return {

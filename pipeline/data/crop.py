@@ -45,34 +45,32 @@ import hashlib
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
 
-from pipeline.common.config import ParamsError, param
 from pipeline.common.atomic_io import replace_dir, staging_dir, write_json
-from pipeline.data.images import read_ir, read_visible, split_luma
-from pipeline.data.register import read_accepted_pairs
+from pipeline.common.config import REQUIRED, ParamsError, param, read_settings, setting
+from pipeline.common.ray_runtime import configure_data_context
+from pipeline.data.contracts import PATCH_SCHEMA, SPLITS, column_list, read_accepted_pairs, read_registered_pair
+from pipeline.data.images import split_luma
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-PATCH_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("split", pa.string()),
-        ("y", pa.int32()),
-        ("x", pa.int32()),
-        ("size", pa.int32()),
-        ("ir", pa.binary()),
-        ("vi", pa.binary()),
-    ]
-)
+def _check_fractions(raw: Mapping[str, Any], key: str) -> dict[str, float]:
+    """``crop.fractions``: a fraction > 0 for each split, summing to 1."""
+    fractions = {name: param(raw, name, float, where=key, minimum=0.0, maximum=1.0) for name in SPLITS}
+    extra = sorted(set(raw) - set(SPLITS))
+    if extra:
+        raise ParamsError(f"params: '{key}' has unknown keys {extra} (expected {list(SPLITS)})")
+    if any(v <= 0 for v in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+        raise ParamsError(f"params: '{key}' must be > 0 each and sum to 1, got {fractions}")
+    return fractions
 
 
 @dataclass(frozen=True)
@@ -90,36 +88,22 @@ class CropConfig:
         pairs_per_shard: consecutive pairs per Parquet shard (and per Ray task).
     """
 
-    patch_size: int = 64
-    stride: int = 64
-    drop_flat: float | None = 1.0
-    fractions: Mapping[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
-    seed: int = 0
-    test_list: str | None = None
-    pairs_per_shard: int = 8
+    patch_size: int = setting(REQUIRED, int, minimum=8)
+    stride: int | None = setting(None, int, minimum=1)
+    drop_flat: float | None = setting(1.0, float, minimum=0.0, allow_none=True)
+    fractions: Mapping[str, float] = setting({"train": 0.8, "val": 0.1, "test": 0.1}, dict, convert=_check_fractions)
+    seed: int = setting(0, int)
+    test_list: str | None = setting(None, str, allow_none=True)
+    pairs_per_shard: int = setting(8, int, minimum=1)
+
+    def __post_init__(self) -> None:
+        if self.stride is None:  # default: no overlap
+            object.__setattr__(self, "stride", self.patch_size)
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any]) -> "CropConfig":
         """Read and validate the ``crop`` section; raises ``ParamsError`` naming the key."""
-        size = param(cfg, "patch_size", int, where="crop", minimum=8)
-        stride = param(cfg, "stride", int, where="crop", default=size, minimum=1)
-        drop_flat = param(cfg, "drop_flat", float, where="crop", default=None, minimum=0.0, allow_none=True)
-        raw = param(cfg, "fractions", dict, where="crop", default={"train": 0.8, "val": 0.1, "test": 0.1})
-        fractions = {name: param(raw, name, float, where="crop.fractions", minimum=0.0, maximum=1.0) for name in SPLITS}
-        extra = sorted(set(raw) - set(SPLITS))
-        if extra:
-            raise ParamsError(f"params: 'crop.fractions' has unknown keys {extra} (expected {list(SPLITS)})")
-        if any(v <= 0 for v in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-            raise ParamsError(f"params: 'crop.fractions' must be > 0 each and sum to 1, got {fractions}")
-        return cls(
-            patch_size=size,
-            stride=stride,
-            drop_flat=drop_flat,
-            fractions=fractions,
-            seed=param(cfg, "seed", int, where="crop", default=0),
-            test_list=param(cfg, "test_list", str, where="crop", default=None, allow_none=True),
-            pairs_per_shard=param(cfg, "pairs_per_shard", int, where="crop", default=8, minimum=1),
-        )
+        return read_settings(cls, cfg, "crop")
 
 
 # ----------------------------------------------------------------------------- positions, crops
@@ -175,21 +159,6 @@ def crop_arrays(
         yield y, x, a, b
 
 
-def load_registered_pair(registered_dir: str | Path, pair_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a registered pair as ``(ir, y)``: ``uint8`` (H, W) IR and visible luma.
-
-    Raises:
-        pipeline.data.images.ImageError: a file is missing or unreadable (the message names it).
-        ValueError: the two images differ in size.
-    """
-    root = Path(registered_dir)
-    ir = read_ir(root / "ir" / f"{pair_id}.png")
-    y, _ = split_luma(read_visible(root / "vi" / f"{pair_id}.png"))
-    if ir.shape != y.shape:
-        raise ValueError(f"{root}: pair '{pair_id}': IR {ir.shape} and visible {y.shape} differ in size")
-    return ir, y
-
-
 def crop_batch(batch: Mapping[str, Any], registered_dir: str, size: int, stride: int, drop_flat: float | None) -> pa.Table:
     """Crop a batch of pairs (Ray Data ``map_batches`` function, also usable in a plain loop).
 
@@ -204,7 +173,8 @@ def crop_batch(batch: Mapping[str, Any], registered_dir: str, size: int, stride:
     cols: dict[str, list[Any]] = {name: [] for name in PATCH_SCHEMA.names}
     for pair_id, split in zip(column_list(batch, "pair_id"), column_list(batch, "split")):
         pair_id, split = str(pair_id), str(split)
-        ir, y = load_registered_pair(registered_dir, pair_id)
+        ir, vi = read_registered_pair(registered_dir, pair_id)
+        y, _ = split_luma(vi)
         for py, px, a, b in crop_arrays(ir, y, size, stride, drop_flat):
             cols["pair_id"].append(pair_id)
             cols["split"].append(split)
@@ -214,26 +184,6 @@ def crop_batch(batch: Mapping[str, Any], registered_dir: str, size: int, stride:
             cols["ir"].append(a.tobytes())
             cols["vi"].append(b.tobytes())
     return pa.Table.from_pydict(cols, schema=PATCH_SCHEMA)
-
-
-def column_list(batch: Any, name: str) -> list[Any]:
-    """One column of a batch (pyarrow table, dict of numpy arrays or of lists) as a Python list."""
-    col = batch[name]
-    if hasattr(col, "to_pylist"):
-        return col.to_pylist()
-    if hasattr(col, "tolist"):
-        return col.tolist()
-    return list(col)
-
-
-def decode_patches(column: Sequence[bytes], size: int) -> np.ndarray:
-    """Turn a ``ir``/``vi`` binary column into a ``uint8`` (N, size, size) array."""
-    if len(column) == 0:
-        return np.zeros((0, size, size), np.uint8)
-    flat = np.frombuffer(b"".join(bytes(v) for v in column), dtype=np.uint8)
-    if flat.size != len(column) * size * size:
-        raise ValueError(f"patch column holds {flat.size} bytes, expected {len(column)} x {size}x{size}")
-    return flat.reshape(len(column), size, size)
 
 
 # ----------------------------------------------------------------------------- pairs and split
@@ -370,24 +320,6 @@ def crop_shard(
     return {"shard": int(shard["shard"]), "file": name, **{s: splits.count(s) for s in SPLITS}}
 
 
-def ordered_data_context() -> None:
-    """Configure Ray Data for the data stages' one-operator map pipelines.
-
-    - keep the input order (deterministic rows and shard names);
-    - no per-operator resource reservation: by default Ray Data reserves half of the cluster's
-      CPUs for operators other than the running one, which in a single ``from_items -> map``
-      pipeline on a small machine leaves the map with half the cores (measured on 2 cores: 28
-      tasks of 0.2 s CPU took 6.1 s through Ray Data with reservation, 3.1 s without, 2.9 s as
-      plain Ray tasks).
-    """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.op_resource_reservation_enabled = False
-    ctx.enable_progress_bars = False
-
-
 def plan_crop(registered_dir: str | Path, cfg: CropConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Decide the split and which pairs yield patches, from the manifest only (no image read).
 
@@ -438,14 +370,13 @@ def crop_dataset(registered_dir: str | Path, out_dir: str | Path, cfg: CropConfi
     Raises:
         FileNotFoundError / ValueError: missing manifest, no usable pair, no patch at all.
     """
-    import ray.data
 
     registered_dir, out_dir = str(registered_dir), Path(out_dir)
     items, record = plan_crop(registered_dir, cfg)
     if not items:
         raise ValueError(f"{registered_dir}: no pair is at least {cfg.patch_size}x{cfg.patch_size} pixels")
     shards = plan_shards(items, cfg.pairs_per_shard)
-    ordered_data_context()
+    configure_data_context()
     tmp = staging_dir(out_dir)
     try:
         kwargs = {"registered_dir": registered_dir, "out_dir": str(tmp), "size": cfg.patch_size,

@@ -161,6 +161,18 @@ def read_gray(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+def read_pair(ir_path: str | Path, vi_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read an IR/visible pair of the same size: ``uint8`` IR (H, W), visible (H, W, 3) BGR or (H, W).
+
+    Raises:
+        ImageError: a file is missing or unreadable, or the sizes differ (naming the visible file).
+    """
+    ir, vi = read_ir(ir_path), read_visible(vi_path)
+    if vi.shape[:2] != ir.shape:
+        raise ImageError(vi_path, f"size {vi.shape[1]}x{vi.shape[0]} differs from IR {ir_path} ({ir.shape[1]}x{ir.shape[0]})")
+    return ir, vi
+
+
 def split_luma(visible: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Split a visible image into its luma and chroma.
 

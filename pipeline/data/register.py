@@ -29,7 +29,7 @@ import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.common.atomic_io import atomic_writer, replace_dir, staging_dir, write_json
+from pipeline.common.ray_runtime import configure_data_context
+from pipeline.data.contracts import MANIFEST_SCHEMA
 from pipeline.data.images import ImageError, find_pairs, read_ir, read_visible, split_luma, write_image
 from pipeline.data.register_options import MOTION_NAMES, AlignOptions
 
@@ -44,29 +46,6 @@ log = logging.getLogger(__name__)
 
 #: OpenCV ECC motion type of each ``register.motion`` name.
 MOTIONS: dict[str, int] = {name: getattr(cv2, f"MOTION_{name.upper()}") for name in MOTION_NAMES}
-
-#: Columns of ``manifest.parquet``. ``transform`` is the *estimated* 2x3 affine (row-major) mapping
-#: IR pixel coordinates to coordinates of the original visible image (identity when no estimate);
-#: it was applied to the written visible image iff ``corrected``. ``shift_px`` is its largest
-#: displacement over the four corners and the centre. ``align_score`` is the ECC correlation of the
-#: gradient magnitudes after alignment. ``align_error`` says why an estimate was not used.
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("ir_src", pa.string()),
-        ("vi_src", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("vi_channels", pa.int32()),
-        ("transform", pa.list_(pa.float64())),
-        ("align_score", pa.float64()),
-        ("shift_px", pa.float64()),
-        ("corrected", pa.bool_()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("align_error", pa.string()),
-    ]
-)
 
 _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
@@ -94,7 +73,7 @@ class Alignment:
     error: str | None = None
 
 
-def gradient_magnitude(img: np.ndarray) -> np.ndarray:
+def normalised_edges(img: np.ndarray) -> np.ndarray:
     """Contrast-normalised Sobel gradient magnitude of a lightly smoothed image.
 
     The magnitude is divided by its local mean (Gaussian, sigma 6 px) plus half its global mean,
@@ -193,8 +172,8 @@ def estimate_alignment(ir: np.ndarray, vi_y: np.ndarray, options: AlignOptions =
         pyr_ir.append(cv2.pyrDown(pyr_ir[-1]))
         pyr_vi.append(cv2.pyrDown(pyr_vi[-1]))
     # gradients per level (of the smoothed image, not a smoothed gradient: fine texture cancels)
-    pyr_ir = [gradient_magnitude(im) for im in pyr_ir]
-    pyr_vi = [gradient_magnitude(im) for im in pyr_vi]
+    pyr_ir = [normalised_edges(im) for im in pyr_ir]
+    pyr_vi = [normalised_edges(im) for im in pyr_vi]
     # findTransformECC smooths both images with a 5x5 Gaussian (gaussFiltSize=5): score likewise
     identity_score = _ecc_value(cv2.GaussianBlur(pyr_ir[0], (5, 5), 0), cv2.GaussianBlur(pyr_vi[0], (5, 5), 0))
     criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, options.max_iterations, options.eps)
@@ -442,9 +421,7 @@ def register_dataset(
         for sub in ("ir", "vi"):
             (staging / sub).mkdir()
         if pairs:
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False  # our own bar counts pairs
-            ctx.print_on_execution_start = False
+            configure_data_context()  # our own bar counts pairs
             items = [{"pair_id": p.stem, "ir": str(p.ir.resolve()), "vi": str(p.vi.resolve())} for p in pairs]
             ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)).map(
                 _map_row, fn_kwargs={"out_dir": str(staging.resolve()), "options": asdict(options)}, num_cpus=1
@@ -494,31 +471,3 @@ def _write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     with atomic_writer(path, "wb") as fh:
         pq.write_table(table, fh)
-
-
-def read_accepted_pairs(registered_dir: str | Path) -> list[dict[str, Any]]:
-    """The accepted pairs of a registered folder, from its ``manifest.parquet``.
-
-    Args:
-        registered_dir: output folder of the register step.
-
-    Returns:
-        ``[{"pair_id": str, "height": int, "width": int}]`` of the rows with ``status == "ok"``,
-        sorted by ``pair_id``.
-
-    Raises:
-        FileNotFoundError: no ``manifest.parquet``.
-        ValueError: a required column is missing, or no pair has ``status == "ok"``.
-    """
-    path = Path(registered_dir) / "manifest.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"registered manifest not found: {path} (run the register stage first)")
-    table = pq.read_table(path)
-    missing = [c for c in ("pair_id", "status", "height", "width") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}")
-    rows = [r for r in table.select(["pair_id", "status", "height", "width"]).to_pylist() if r["status"] == "ok"]
-    if not rows:
-        raise ValueError(f"{path}: no pair with status 'ok' (every pair was rejected by the register stage)")
-    out = [{"pair_id": str(r["pair_id"]), "height": int(r["height"]), "width": int(r["width"])} for r in rows]
-    return sorted(out, key=lambda r: r["pair_id"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from pipeline.common.config import read_settings, setting
+
 #: Motion models of the alignment check, simplest first (``pipeline.data.register.MOTIONS`` maps
 #: them to OpenCV's ECC motion types).
 MOTION_NAMES: tuple[str, ...] = ("translation", "euclidean", "affine")
@@ -28,13 +30,13 @@ class AlignOptions:
         eps: ECC convergence threshold (increment of the correlation coefficient).
     """
 
-    motion: str = "euclidean"
-    max_shift_px: float = 1.0
-    max_correction_px: float = 40.0
-    max_size: int = 640
-    levels: int = 3
-    max_iterations: int = 100
-    eps: float = 1e-5
+    motion: str = setting("euclidean", str, choices=list(MOTION_NAMES))
+    max_shift_px: float = setting(1.0, float, minimum=0.0)
+    max_correction_px: float = setting(40.0, float, minimum=0.0)
+    max_size: int = setting(640, int, minimum=32)
+    levels: int = setting(3, int, minimum=1, maximum=6)
+    max_iterations: int = setting(100, int, minimum=1)
+    eps: float = setting(1e-5, float, minimum=0.0)
 
     def __post_init__(self) -> None:
         if self.motion not in MOTION_NAMES:
@@ -42,18 +44,6 @@ class AlignOptions:
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any]) -> "AlignOptions":
-        """Read the options from the ``register`` section (missing keys take the defaults)."""
-        from pipeline.common.config import param
-
-        d = cls()
-        return cls(
-            motion=param(cfg, "motion", str, where="register", default=d.motion, choices=list(MOTION_NAMES)),
-            max_shift_px=param(cfg, "max_shift_px", float, where="register", default=d.max_shift_px, minimum=0.0),
-            max_correction_px=param(
-                cfg, "max_correction_px", float, where="register", default=d.max_correction_px, minimum=0.0
-            ),
-            max_size=param(cfg, "max_size", int, where="register", default=d.max_size, minimum=32),
-            levels=param(cfg, "levels", int, where="register", default=d.levels, minimum=1, maximum=6),
-            max_iterations=param(cfg, "max_iterations", int, where="register", default=d.max_iterations, minimum=1),
-            eps=param(cfg, "eps", float, where="register", default=d.eps, minimum=0.0),
-        )
+        """Read the options from the ``register`` section (missing keys take the defaults;
+        ``raw_dir`` is the stage's input folder, read by ``dvc.yaml``)."""
+        return read_settings(cls, cfg, "register", ignore=("raw_dir",))

@@ -28,9 +28,15 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from pipeline.common.atomic_io import read_json_object, write_text_atomic
+from pipeline.common.config import ParamsError, param, read_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,21 @@ MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+def _gates(gates: Mapping[str, Any], key: str) -> dict[str, float]:
+    """``{metric: tolerance >= 0}``."""
+    return {str(m): param(gates, str(m), float, where=key, minimum=0.0) for m in gates}
+
+
+def _model_name(name: str, key: str) -> str:
+    """A registered-model name safe to put into MLflow filters."""
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise ParamsError(
+            f"params: '{key}' must be 1-128 letters, digits, '.', '_' or '-' "
+            f"(starting with a letter or digit), got {name!r}"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class PromoteConfig:
     """The ``promote`` section of ``params.yaml``.
@@ -63,35 +84,16 @@ class PromoteConfig:
         baseline: method of ``metrics/eval.json`` that is the reference when there is no champion.
     """
 
-    model_name: str = "mda-fusion"
-    primary: str = "VIF"
-    min_improvement: float = 0.0
-    gates: dict[str, float] = field(default_factory=lambda: {"Qabf": 0.01, "SSIM": 0.02})
-    baseline: str = "average"
+    model_name: str = setting("mda-fusion", str, convert=_model_name)
+    primary: str = setting("VIF", str)
+    min_improvement: float = setting(0.0, float, minimum=0.0)
+    gates: dict[str, float] = setting({"Qabf": 0.01, "SSIM": 0.02}, dict, convert=_gates)
+    baseline: str = setting("average", str)
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any]) -> "PromoteConfig":
         """Validate the ``promote`` section (errors name ``promote.<key>``)."""
-        from pipeline.common.config import ParamsError, param
-
-        w = "promote"
-        gates = param(cfg, "gates", dict, where=w, default={"Qabf": 0.01, "SSIM": 0.02})
-        clean: dict[str, float] = {}
-        for metric in gates:
-            clean[str(metric)] = param(gates, str(metric), float, where=f"{w}.gates", minimum=0.0)
-        name = param(cfg, "model_name", str, where=w, default="mda-fusion")
-        if not MODEL_NAME_RE.fullmatch(name):
-            raise ParamsError(
-                f"params: 'promote.model_name' must be 1-128 letters, digits, '.', '_' or '-' "
-                f"(starting with a letter or digit), got {name!r}"
-            )
-        return cls(
-            model_name=name,
-            primary=param(cfg, "primary", str, where=w, default="VIF"),
-            min_improvement=param(cfg, "min_improvement", float, where=w, default=0.0, minimum=0.0),
-            gates=clean,
-            baseline=param(cfg, "baseline", str, where=w, default="average"),
-        )
+        return read_settings(cls, cfg, "promote")
 
     def compared_metrics(self) -> list[str]:
         """The primary metric followed by the gate metrics (no duplicates)."""
@@ -170,14 +172,8 @@ def read_eval_means(path: str | Path) -> dict[str, dict[str, float]]:
     Raises:
         FileNotFoundError: missing file. ValueError: not JSON or no ``ours`` entry.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation means not found: {path} (run the evaluate stage)")
-    try:
-        means = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(means, dict) or not isinstance(means.get(OURS), dict):
+    means = read_json_object(path, "evaluation means", hint="run the evaluate stage")
+    if not isinstance(means.get(OURS), dict):
         raise ValueError(f"{path}: expected {{method: {{metric: mean}}}} with a '{OURS}' entry")
     return means
 
@@ -188,21 +184,14 @@ def read_test_set_digest(path: str | Path) -> str:
     Raises:
         FileNotFoundError: missing file. ValueError: not JSON or no ``digest``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"test-set record not found: {path} (run the evaluate stage)")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(record, dict) or not isinstance(record.get("digest"), str) or not record["digest"]:
+    record = read_json_object(path, "test-set record", hint="run the evaluate stage")
+    if not isinstance(record.get("digest"), str) or not record["digest"]:
         raise ValueError(f"{path}: expected an object with a 'digest' string")
     return record["digest"]
 
 
 def find_version(client: Any, name: str, run_id: str, model_uri: str) -> Any | None:
     """The version of ``name`` registered from ``model_uri`` of run ``run_id``, or ``None``."""
-    from mlflow.exceptions import MlflowException
 
     try:
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
@@ -216,7 +205,6 @@ def find_version(client: Any, name: str, run_id: str, model_uri: str) -> Any | N
 
 def champion_version(client: Any, name: str) -> Any | None:
     """The version holding the ``champion`` alias, or ``None``."""
-    from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
@@ -257,8 +245,6 @@ def promote(
     Returns:
         The decision (``created`` is False when the version already existed and was decided).
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     run_id, model_uri = str(train_info.get("run_id") or ""), str(train_info.get("model_uri") or "")
@@ -334,6 +320,5 @@ def _finite(means: Mapping[str, Any]) -> dict[str, float]:
 
 def write_decision(path: str | Path, decision: Decision) -> Path:
     """Write the decision as JSON (atomic)."""
-    from pipeline.common.atomic_io import write_text_atomic
 
     return write_text_atomic(Path(path), json.dumps(decision.to_json(), indent=2) + "\n")

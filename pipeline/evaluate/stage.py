@@ -31,15 +31,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import cv2
 import numpy as np
+import ray
+from mlflow.exceptions import MlflowException
 
 from pipeline.common.atomic_io import replace_dir, staging_dir, write_json, write_text_atomic
-from pipeline.data.images import find_pairs, merge_luma, read_ir, read_visible, split_luma, write_image
+from pipeline.common.config import ParamsError, read_settings, setting
+from pipeline.common.mlflow_store import log_metrics_batched
+from pipeline.common.ray_runtime import configure_data_context
+from pipeline.data.contracts import read_split
+from pipeline.data.images import find_pairs, merge_luma, read_pair, split_luma, write_image
+from pipeline.evaluate.metrics import METRICS, compute_all
+from pipeline.evaluate.report import image_grid, markdown_table, mean_per_method, means_for_json, write_per_image_csv
+from pipeline.model.inference import Fuser
+from pipeline.model.weights import load_model
 
 log = logging.getLogger(__name__)
 
-#: Order of the methods in tables and in the grid (ours last).
-METHOD_ORDER: tuple[str, ...] = ("average", "maximum", "official", "ours")
 #: Methods that need no weights.
 PIXEL_METHODS: tuple[str, ...] = ("average", "maximum")
 #: File under the report folder that identifies the evaluated test set (see ``test_set_record``).
@@ -48,6 +57,13 @@ TEST_SET_FILE = "test_set.json"
 
 # --------------------------------------------------------------------------------------------
 # Configuration
+
+
+def _tile(tile: Sequence[Any], key: str) -> tuple[int, int]:
+    """``[height, width]``, integers >= 16."""
+    if len(tile) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 16 for t in tile):
+        raise ParamsError(f"params: '{key}' must be [height, width], integers >= 16, got {tile!r}")
+    return (int(tile[0]), int(tile[1]))
 
 
 @dataclass(frozen=True)
@@ -66,32 +82,18 @@ class EvalConfig:
         max_pairs: evaluate only the first N test pairs (quick runs); ``None``: all.
     """
 
-    official_weights: str | None = None
-    batch_size: int = 2
-    concurrency: int = 1
-    use_gpu: bool | None = None
-    grid_pairs: int = 3
-    grid_tile: tuple[int, int] = (160, 224)
-    max_pairs: int | None = None
+    official_weights: str | None = setting(None, str, allow_none=True)
+    batch_size: int = setting(2, int, minimum=1)
+    concurrency: int = setting(1, int, minimum=1)
+    use_gpu: bool | None = setting(None, bool, allow_none=True)
+    grid_pairs: int = setting(3, int, minimum=0)
+    grid_tile: tuple[int, int] = setting((160, 224), list, convert=_tile)
+    max_pairs: int | None = setting(None, int, minimum=1, allow_none=True)
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any]) -> "EvalConfig":
         """Validate the ``evaluate`` section (errors name ``evaluate.<key>``)."""
-        from pipeline.common.config import ParamsError, param
-
-        w = "evaluate"
-        tile = param(cfg, "grid_tile", list, where=w, default=[160, 224])
-        if len(tile) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 16 for t in tile):
-            raise ParamsError(f"params: 'evaluate.grid_tile' must be [height, width], integers >= 16, got {tile!r}")
-        return cls(
-            official_weights=param(cfg, "official_weights", str, where=w, default=None),
-            batch_size=param(cfg, "batch_size", int, where=w, default=2, minimum=1),
-            concurrency=param(cfg, "concurrency", int, where=w, default=1, minimum=1),
-            use_gpu=param(cfg, "use_gpu", bool, where=w, default=None),
-            grid_pairs=param(cfg, "grid_pairs", int, where=w, default=3, minimum=0),
-            grid_tile=(int(tile[0]), int(tile[1])),
-            max_pairs=param(cfg, "max_pairs", int, where=w, default=None, minimum=1),
-        )
+        return read_settings(cls, cfg, "evaluate")
 
 
 @dataclass
@@ -130,16 +132,8 @@ def list_test_pairs(registered_dir: str | Path, split_path: str | Path, max_pair
         FileNotFoundError: a file or folder is missing, or a test pair has no registered images.
         ValueError: ``split.json`` is malformed or its test split is empty.
     """
-    registered_dir, split_path = Path(registered_dir), Path(split_path)
-    if not split_path.is_file():
-        raise FileNotFoundError(f"split file not found: {split_path} (run the crop stage)")
-    try:
-        split = json.loads(split_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{split_path}: not valid JSON: {exc}") from exc
-    test = split.get("test") if isinstance(split, dict) else None
-    if not isinstance(test, list) or not all(isinstance(t, str) for t in test):
-        raise ValueError(f"{split_path}: expected a list of pair ids under 'test'")
+    registered_dir = Path(registered_dir)
+    test = read_split(split_path)["test"]
     if not test:
         raise ValueError(f"{split_path}: the test split is empty; raise crop fractions or add pairs")
     pairs, _ = find_pairs(registered_dir / "ir", registered_dir / "vi")
@@ -164,19 +158,6 @@ def test_set_record(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
     )
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
     return {"digest": digest, "pairs": [e[0] for e in entries]}
-
-
-def read_test_pair(ir_path: str | Path, vi_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a registered pair: ``uint8`` IR (H, W) and visible (H, W, 3) BGR or (H, W).
-
-    Raises:
-        pipeline.data.images.ImageError: a file is missing or unreadable (the message names it).
-        ValueError: the two images differ in size.
-    """
-    ir, vi = read_ir(ir_path), read_visible(vi_path)
-    if vi.shape[:2] != ir.shape:
-        raise ValueError(f"{vi_path}: size {vi.shape[:2]} differs from its IR image {ir.shape}")
-    return ir, vi
 
 
 def _unpack(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
@@ -235,7 +216,6 @@ class FuseBatch:
             else:
                 name, data = weights
                 if not isinstance(data, bytes):  # an ObjectRef nested in the tuple: not resolved by Ray
-                    import ray
 
                     data = ray.get(data)
                 with tempfile.TemporaryDirectory(prefix="mda-eval-") as tmp:
@@ -255,7 +235,7 @@ class FuseBatch:
         """
         out: dict[str, list[Any]] = {k: [] for k in ("name", "method", "h", "w", "c", "ir", "vi", "fused")}
         for name, ir_path, vi_path in zip(batch["name"], batch["ir"], batch["vi"]):
-            ir, vi = read_test_pair(str(ir_path), str(vi_path))
+            ir, vi = read_pair(str(ir_path), str(vi_path))
             for method, fn in self.fns.items():
                 fused = np.ascontiguousarray(fn(ir, vi), dtype=np.uint8)
                 if fused.shape != vi.shape:
@@ -278,33 +258,19 @@ def ship_weights(methods: Mapping[str, str | None]) -> dict[str, tuple[str, Any]
         ``{method: (file name, ObjectRef of its bytes) or None}`` for ``FuseBatch``: the actors'
         constructor arguments stay small and every actor fetches the bytes once.
     """
-    import ray
 
     return {m: (str(path), ray.put(Path(path).read_bytes())) if path else None for m, path in methods.items()}
 
 
 def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Load a network (our checkpoint or the authors' file) as ``fuser(ir_u8, vi_u8) -> fused_u8``.
+    """Load a network (our checkpoint or the authors' file) as ``fuser(ir_u8, vi_u8) -> fused_u8``
+    (``pipeline.model.inference.Fuser.from_file``, on the GPU with ``use_gpu`` when CUDA is present)."""
 
-    With ``use_gpu`` (and CUDA present) the network is moved to the GPU; ``Fuser`` sends its
-    inputs to the model's device and returns the result on the CPU.
-    """
-    import torch
-
-    from pipeline.model.inference import Fuser
-    from pipeline.model.weights import load_model
-
-    model, info = load_model(weights)
-    if use_gpu and torch.cuda.is_available():
-        model = model.to("cuda")
-    return Fuser(model, postprocess=info.get("postprocess", "clip"))
+    return Fuser.from_file(weights, device="cuda" if use_gpu else None)
 
 
 def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data function: the metrics of every fused image of a batch (gray, published convention)."""
-    import cv2
-
-    from pipeline.evaluate.metrics import METRICS, compute_all
 
     cols: dict[str, list[float]] = {m: [] for m in METRICS}
     for buf_ir, buf_vi, buf_f, h, w, c in zip(batch["ir"], batch["vi"], batch["fused"], batch["h"], batch["w"], batch["c"]):
@@ -336,8 +302,8 @@ def fuse_and_score(
         One row per (method, pair), in no particular order: ``method``, ``name``, ``h``, ``w``,
         ``c``, ``fused`` bytes and the metrics.
     """
-    import ray
 
+    configure_data_context()
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
     fused = ds.map_batches(
         FuseBatch,
@@ -402,10 +368,6 @@ def evaluate(
     Returns:
         The per-image rows, the means, the skipped baselines and the files written.
     """
-    import ray
-
-    from pipeline.evaluate.metrics import METRICS
-    from pipeline.model.weights import load_model
 
     methods, skipped = resolve_methods(checkpoint, cfg.official_weights)
     rows = list_test_pairs(registered_dir, split_path, cfg.max_pairs)
@@ -437,7 +399,7 @@ def evaluate(
             "table": write_text_atomic(tmp / "table.md", markdown_table(means, METRICS, len(rows), skipped)),
             "test_set": write_json(tmp / TEST_SET_FILE, test_set_record(rows)),
         }
-        sources = {r["name"]: read_test_pair(r["ir"], r["vi"]) for r in rows if r["name"] in grid_names}
+        sources = {r["name"]: read_pair(r["ir"], r["vi"]) for r in rows if r["name"] in grid_names}
         grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
         if grid is not None:
             written["grid"] = write_image(tmp / "grid.png", grid)
@@ -450,112 +412,6 @@ def evaluate(
     return result
 
 
-def mean_per_method(per_image: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Means of every metric per method, methods in ``METHOD_ORDER`` (values rounded to 6 digits)."""
-    means: dict[str, dict[str, float]] = {}
-    present = [m for m in METHOD_ORDER if any(r["method"] == m for r in per_image)]
-    present += sorted({r["method"] for r in per_image} - set(present))
-    for method in present:
-        sel = [r for r in per_image if r["method"] == method]
-        means[method] = {m: round(float(np.mean([r[m] for r in sel])), 6) for m in metrics}
-    return means
-
-
-def means_for_json(means: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
-    """The means with non-finite values (e.g. CC of a constant image) as ``None`` (JSON ``null``)."""
-    return {k: {m: (v if np.isfinite(v) else None) for m, v in vals.items()} for k, vals in means.items()}
-
-
-def write_per_image_csv(path: str | Path, per_image: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> Path:
-    """Write ``method,name,<metrics>`` rows (atomic)."""
-    lines = [",".join(["method", "name", *metrics])]
-    for r in per_image:
-        lines.append(",".join([r["method"], r["name"], *(f"{r[m]:.6f}" for m in metrics)]))
-    return write_text_atomic(Path(path), "\n".join(lines) + "\n")
-
-
-def markdown_table(
-    means: Mapping[str, Mapping[str, float]],
-    metrics: Sequence[str],
-    n_pairs: int | None = None,
-    skipped: Mapping[str, str] | None = None,
-) -> str:
-    """A Markdown table of the means, one row per method, the best value per metric in bold."""
-    best: dict[str, float] = {}
-    for m in metrics:
-        vals = [v[m] for v in means.values() if v[m] is not None and np.isfinite(v[m])]
-        best[m] = max(vals) if vals else float("nan")  # higher is better for every metric
-    head = "| method | " + " | ".join(metrics) + " |"
-    sep = "|---|" + "---:|" * len(metrics)
-    lines = []
-    if n_pairs is not None:
-        lines += [f"Means over the {n_pairs} test pairs (higher is better; best in bold).", ""]
-    lines += [head, sep]
-    for method, vals in means.items():
-        cells = [_cell(vals[m], best[m]) for m in metrics]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    for method, reason in (skipped or {}).items():
-        lines += ["", f"Baseline `{method}` skipped: {reason}."]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: float | None, best: float) -> str:
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    return f"**{value:.4f}**" if np.isclose(value, best) else f"{value:.4f}"
-
-
-def image_grid(
-    sources: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    fused: Mapping[str, Mapping[str, np.ndarray]],
-    n_pairs: int,
-    tile: tuple[int, int],
-    header: int = 24,
-) -> np.ndarray | None:
-    """Build the comparison grid: a labelled header, then one row per pair.
-
-    Columns: IR | visible | each method of ``fused`` in ``METHOD_ORDER``. Every image is
-    letterboxed into a ``tile`` (height, width) cell.
-
-    Returns:
-        ``uint8`` BGR ``(header + n * tile_h, n_cols * tile_w, 3)`` with ``n = min(n_pairs,
-        len(sources))``, or ``None`` when there is nothing to show.
-    """
-    import cv2
-
-    names = sorted(sources)[:n_pairs]
-    if not names:
-        return None
-    methods = [m for m in METHOD_ORDER if m in fused] + sorted(set(fused) - set(METHOD_ORDER))
-    labels = ["IR", "visible", *methods]
-    th, tw = tile
-    grid = np.zeros((header + len(names) * th, len(labels) * tw, 3), dtype=np.uint8)
-    for j, label in enumerate(labels):
-        cv2.putText(grid, label, (j * tw + 6, header - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-    for i, name in enumerate(names):
-        ir, vi = sources[name]
-        cells = [ir, vi, *(fused[m][name] for m in methods)]
-        for j, img in enumerate(cells):
-            y0, x0 = header + i * th, j * tw
-            grid[y0 : y0 + th, x0 : x0 + tw] = _letterbox(img, th, tw)
-    return grid
-
-
-def _letterbox(img: np.ndarray, th: int, tw: int) -> np.ndarray:
-    import cv2
-
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    h, w = img.shape[:2]
-    scale = min(th / h, tw / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    cell = np.zeros((th, tw, 3), dtype=np.uint8)
-    y0, x0 = (th - nh) // 2, (tw - nw) // 2
-    cell[y0 : y0 + nh, x0 : x0 + nw] = small
-    return cell
-
-
 # --------------------------------------------------------------------------------------------
 # MLflow
 
@@ -565,11 +421,8 @@ def log_to_run(run_id: str, result: EvalResult) -> None:
 
     Logs a warning and returns when the run does not exist in the store in force.
     """
-    import time
-
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
 
     client = MlflowClient()
     try:
@@ -577,12 +430,7 @@ def log_to_run(run_id: str, result: EvalResult) -> None:
     except MlflowException as exc:
         log.warning("MLflow run %s not found (%s); evaluation results not logged", run_id, exc)
         return
-    now = int(time.time() * 1000)
-    batch = [
-        Metric(f"test_{method}_{m}", float(v), now, 0)
-        for method, vals in result.means.items() for m, v in vals.items() if np.isfinite(v)
-    ]
-    for i in range(0, len(batch), 900):
-        client.log_batch(run_id, metrics=batch[i : i + 900])
+    means = {f"test_{method}_{m}": v for method, vals in result.means.items() for m, v in vals.items()}
+    log_metrics_batched(client, run_id, means, step=0)
     for path in result.paths.values():
         client.log_artifact(run_id, str(path), artifact_path="eval")

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from torch import Tensor, nn
 
 from pipeline.data.images import merge_luma, split_luma
 from pipeline.model.network import SIZE_MULTIPLE
+from pipeline.model.weights import load_model
+
+log = logging.getLogger(__name__)
 
 #: Accepted values of ``postprocess``.
 POSTPROCESS_MODES: tuple[str, ...] = ("minmax", "clip")
@@ -65,6 +69,25 @@ def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE) -> Tensor:
         return x
     mode = "reflect" if ph < h and pw < w else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def fuse_padded(model: nn.Module, ir: Tensor, vi: Tensor,
+                memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """Run ``model`` on inputs of any size: pad with ``pad_to_multiple``, fuse, crop back.
+
+    Args:
+        model: a network following the model contract (``model(ir, vi) -> fused``), in the mode
+            and under the grad/inference mode the caller chose.
+        ir, vi: (B, 1, H, W) float in [0, 1] on the model's device (vi = visible luma).
+        memory_format: layout of the padded inputs (``torch.channels_last`` is faster on CPU).
+
+    Returns:
+        (B, 1, H, W), the model's output as it gives it (dtype and device unchanged).
+    """
+    h, w = ir.shape[-2:]
+    x = pad_to_multiple(ir).contiguous(memory_format=memory_format)
+    y = pad_to_multiple(vi).contiguous(memory_format=memory_format)
+    return model(x, y)[..., :h, :w]
 
 
 def postprocess(raw: np.ndarray, mode: str) -> np.ndarray:
@@ -117,12 +140,22 @@ class Fuser:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_file(cls, path: str | Path, postprocess: str | None = None, **kwargs: Any) -> "Fuser":
-        """Load weights with ``pipeline.model.weights.load_model``; ``postprocess`` defaults to the
-        weights' own default (``"minmax"`` for the authors' file, ``"clip"`` for ours)."""
-        from pipeline.model.weights import load_model
+    def from_file(cls, path: str | Path, postprocess: str | None = None, device: str | None = None,
+                  **kwargs: Any) -> "Fuser":
+        """The one way from a weights file to a fuser (CLI, evaluation, MLflow pyfunc).
+
+        Loads with ``pipeline.model.weights.load_model``; ``postprocess`` defaults to the weights'
+        own default (``"minmax"`` for the authors' file, ``"clip"`` for ours). ``device``
+        (``"cuda"``, ...) moves the network there when available; inputs follow it and results
+        come back on the CPU.
+        """
 
         model, info = load_model(path)
+        if device is not None and device != "cpu":
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                log.warning("CUDA requested but not available: fusing on the CPU")
+            else:
+                model = model.to(device)
         fuser = cls(model, postprocess=postprocess or info["postprocess"], **kwargs)
         fuser.info = info
         return fuser
@@ -139,15 +172,12 @@ class Fuser:
         """
         if ir.shape != vi.shape:
             raise ValueError(f"IR {tuple(ir.shape)} and visible {tuple(vi.shape)} sizes differ")
-        h, w = ir.shape[-2:]
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         with torch.inference_mode():
-            x = pad_to_multiple(ir.to(device)).contiguous(memory_format=fmt)
-            y = pad_to_multiple(vi.to(device)).contiguous(memory_format=fmt)
-            out = self.model(x, y)
-        return out[..., :h, :w].float().cpu().contiguous()
+            out = fuse_padded(self.model, ir.to(device), vi.to(device), fmt)
+        return out.float().cpu().contiguous()
 
     def fuse_luma(self, ir: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Raw fusion of two ``uint8`` (H, W) images -> float32 (H, W) in (0, 1)."""

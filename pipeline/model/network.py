@@ -28,6 +28,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from pipeline.common.config import ParamsError, param
+
 #: Name -> constructor of the architectures ``build_model`` knows.
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -85,7 +87,6 @@ def model_config(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     Raises:
         pipeline.common.config.ParamsError: naming ``model.<key>``.
     """
-    from pipeline.common.config import param
 
     name = param(cfg, "name", str, where="model", default="mda", choices=available_models())
     args = param(cfg, "args", dict, where="model", default={}) or {}
@@ -93,7 +94,6 @@ def model_config(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     out: dict[str, Any] = {}
     for key in args:
         if key not in allowed:
-            from pipeline.common.config import ParamsError
 
             raise ParamsError(f"params: unknown key 'model.args.{key}' for model '{name}' (allowed: {list(allowed)})")
         out[key] = param(args, key, int, where="model.args", minimum=1)

@@ -24,11 +24,20 @@ shipped as model code, so loading needs only the pip requirements recorded with 
 
 from __future__ import annotations
 
+import importlib.metadata as md
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+import pipeline
+from pipeline.model.inference import Fuser
 
 
 def _as_u8(value: Any, name: str, row: int) -> np.ndarray:
@@ -49,11 +58,8 @@ class FusionPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Load the network from the ``checkpoint`` artifact."""
-        from pipeline.model.inference import Fuser
-        from pipeline.model.weights import load_model
 
-        model, info = load_model(context.artifacts["checkpoint"])
-        self._fuser = Fuser(model, postprocess=info.get("postprocess", "clip"))
+        self._fuser = Fuser.from_file(context.artifacts["checkpoint"])
 
     def fuse(self, ir: Any, vi: Any, row: int = 0) -> np.ndarray:
         """Fuse one pair: ir (H, W) and vi (H, W) or (H, W, 3) BGR, 0-255 -> uint8 like ``vi``."""
@@ -67,7 +73,6 @@ class FusionPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow infers schemas from hints
         """Fuse every row (DataFrame) or the arrays of a dict (see the module docstring)."""
-        import pandas as pd
 
         if isinstance(model_input, pd.DataFrame):
             missing = {"ir", "vi"} - set(model_input.columns)
@@ -87,9 +92,6 @@ class FusionPyfunc(mlflow.pyfunc.PythonModel):
 
 def signature_and_example(size: tuple[int, int] = (16, 16)) -> tuple[Any, Any]:
     """The model signature (columns ``ir``, ``vi`` in, ``fused`` out) and a small input example."""
-    import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
     sig = ModelSignature(
         inputs=Schema([ColSpec(Array(Array(DataType.long)), "ir"), ColSpec(AnyType(), "vi")]),
@@ -105,9 +107,6 @@ def signature_and_example(size: tuple[int, int] = (16, 16)) -> tuple[Any, Any]:
 
 def pip_requirements() -> list[str]:
     """Pinned requirements of the model environment (those of this process)."""
-    import importlib.metadata as md
-
-    import torch
 
     reqs = [f"torch=={torch.__version__.split('+')[0]}"]
     for dist in ("mlflow", "numpy", "pandas", "opencv-python-headless", "pyyaml"):
@@ -128,9 +127,6 @@ def log_fusion_model(checkpoint: str | Path, name: str = "model") -> str:
     Returns:
         The model URI (``models:/<model id>``), loadable with ``mlflow.pyfunc.load_model``.
     """
-    import mlflow
-
-    import pipeline
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():

@@ -9,14 +9,17 @@ worker (``PatchCollate``). Validation uses whole registered images of the ``val`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.data.stats import WEIGHT_NAMES as WEIGHT_KEYS
+from pipeline.common.ray_runtime import configure_data_context
+from pipeline.data.contracts import WEIGHT_NAMES as WEIGHT_KEYS
+from pipeline.data.contracts import decode_patches as decode_bytes
+from pipeline.data.contracts import read_registered_pair, read_split
+from pipeline.data.images import split_luma
 
 #: ``train.sample_weights`` -> prefix of the stats stage's weight columns used as the loss weights:
 #: ``image``: the image-level weights of the patch's source pair (``img_w_*``); ``patch``: the
@@ -52,7 +55,7 @@ def decode_patches(batch: Mapping[str, np.ndarray], sample_weights: str = "image
 
     Args:
         batch: columns of ``patch_columns(sample_weights)``; ``ir``/``vi`` hold ``size * size``
-            uint8 bytes (row-major, decoded by ``pipeline.data.crop.decode_patches``).
+            uint8 bytes (row-major, decoded by ``pipeline.data.contracts.decode_patches``).
         sample_weights: ``"image"`` (weights from the ``img_w_*`` columns) or ``"patch"``
             (``w_*``), see ``weight_columns``.
 
@@ -63,8 +66,6 @@ def decode_patches(batch: Mapping[str, np.ndarray], sample_weights: str = "image
     Raises:
         ValueError: a missing column, mixed patch sizes or a byte string of the wrong length.
     """
-    from pipeline.data.crop import decode_patches as decode_bytes
-
     wcols = weight_columns(sample_weights)
     missing = [c for c in ("size", "ir", "vi", *wcols) if c not in batch]
     if missing:
@@ -122,7 +123,7 @@ class PatchCollate:
 def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sample_weights: str = "image"):
     """Ray Dataset of the training patches (``split == "train"``) of the stats stage.
 
-    Sets the driver's Ray Data context with ``pipeline.data.crop.ordered_data_context`` (order
+    Sets the driver's Ray Data context with ``pipeline.common.ray_runtime.configure_data_context`` (order
     preserved), so that ``limit`` keeps the first rows in file order and ``materialize`` stores
     them in that order.
 
@@ -142,15 +143,13 @@ def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sampl
     import pyarrow.parquet as pq
     import ray.data
 
-    from pipeline.data.crop import ordered_data_context
-
     files = _parquet_files(Path(patches_dir))
     columns = list(patch_columns(sample_weights))
     missing = [c for c in [*columns, "split"] if c not in pq.read_schema(files[0]).names]
     if missing:
         raise ValueError(f"{files[0]}: lacks column(s) {missing} needed with train.sample_weights={sample_weights} "
                          "(run the stats stage: dvc repro stats)")
-    ordered_data_context()
+    configure_data_context()
     ds = ray.data.read_parquet([str(f) for f in files], columns=columns + ["split"])
     ds = ds.filter(expr="split == 'train'").select_columns(columns)
     if max_patches is not None:
@@ -191,15 +190,7 @@ class ValPair:
 
 def val_pair_ids(split_json: str | Path) -> list[str]:
     """The ``val`` pair ids of the crop stage's ``split.json``."""
-    path = Path(split_json)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path} (run the crop stage)")
-    try:
-        split = json.loads(path.read_text())
-        ids = split["val"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: expected a JSON object with a 'val' list of pair ids ({exc})") from exc
-    return [str(i) for i in ids]
+    return list(read_split(split_json)["val"])
 
 
 def load_val_pairs(
@@ -225,8 +216,6 @@ def load_val_pairs(
     """
     import pyarrow.parquet as pq
 
-    from pipeline.data.images import IMAGE_EXTENSIONS, read_ir, read_visible, split_luma
-
     ids = sorted(val_pair_ids(split_json))
     if max_pairs is not None:
         ids = ids[:max_pairs]
@@ -247,19 +236,7 @@ def load_val_pairs(
         if missing:
             raise ValueError(f"{images_parquet}: lacks the image weight column(s) {missing} (w_int_ir, ... expected)")
         weights = {k: float(row[f"{prefix}{k}"]) for k in WEIGHT_KEYS}
-        ir_path = _find_image(registered_dir / "ir", stem, IMAGE_EXTENSIONS)
-        vi_path = _find_image(registered_dir / "vi", stem, IMAGE_EXTENSIONS)
-        ir = read_ir(ir_path)
-        vi_y, crcb = split_luma(read_visible(vi_path))
-        if ir.shape != vi_y.shape:
-            raise ValueError(f"val pair '{stem}': IR {ir.shape} and visible {vi_y.shape} differ in size")
+        ir, vi = read_registered_pair(registered_dir, stem)
+        vi_y, crcb = split_luma(vi)
         pairs.append(ValPair(stem, ir, vi_y, crcb, weights))
     return pairs
-
-
-def _find_image(folder: Path, stem: str, extensions: Any) -> Path:
-    for ext in extensions:
-        path = folder / f"{stem}{ext}"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"registered image for val pair '{stem}' not found in {folder}")

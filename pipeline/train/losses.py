@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# keys of the per-sample weights dict (defined once, by the producer of the weights)
-from pipeline.data.stats import WEIGHT_NAMES as WEIGHT_KEYS
+# keys of the per-sample weights dict (the stats stage's output contract)
+from pipeline.data.contracts import WEIGHT_NAMES as WEIGHT_KEYS
 from pipeline.common.config import param
 
 #: fusion point k of the model -> (index into features["ir"], index into features["vi"])
@@ -129,7 +129,7 @@ def ssim_map(
     return num / den
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def mean_ssim(x: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Mean SSIM per sample, (B,) — see :func:`ssim_map` for arguments and constants."""
     return ssim_map(x, y, **kwargs).mean(dim=(1, 2, 3))
 
@@ -143,7 +143,7 @@ def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g[:, 0].view(b, c, h, w), g[:, 1].view(b, c, h, w)
 
 
-def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
+def sobel_l1(x: torch.Tensor) -> torch.Tensor:
     """L1 Sobel gradient magnitude ``|gx| + |gy|`` (finite gradients everywhere), same shape as x."""
     gx, gy = sobel(x)
     return gx.abs() + gy.abs()
@@ -439,7 +439,7 @@ class FusionLoss(nn.Module):
                 out["patch_ssim"] = (m * dis).sum(1).mean()
         # Sobel gradient (one Sobel call for the three images)
         if self.gradient_enabled:
-            g = gradient_magnitude(torch.cat([f, a, b], dim=1))
+            g = sobel_l1(torch.cat([f, a, b], dim=1))
             gf, ga, gb = g[:, :1], g[:, 1:2], g[:, 2:]
             target = col(w["det_ir"]) * ga + col(w["det_vi"]) * gb
             out["gradient"] = (gf - target).abs().mean()
@@ -504,13 +504,13 @@ __all__ = [
     "FusionLoss",
     "feature_loss",
     "gaussian_kernel1d",
-    "gradient_magnitude",
+    "sobel_l1",
     "gram_distance",
     "gram_matrix",
     "local_statistics",
     "patch_weight_maps",
     "pixel_error",
     "sobel",
-    "ssim",
+    "mean_ssim",
     "ssim_map",
 ]

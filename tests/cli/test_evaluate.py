@@ -12,8 +12,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data.images import read_gray, write_image
-from pipeline.evaluate.metrics import METRICS, compute_all, evaluate_folder
-from tests.conftest import shared_dataset, shared_file
+from pipeline.evaluate.metrics import METRICS, compute_all
+from pipeline.evaluate.score import evaluate_folder
+from conftest import shared_dataset, shared_file
 
 HEADER = ["name", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR"]
 NAMES = ("01", "02", "03")

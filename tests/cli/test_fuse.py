@@ -11,7 +11,7 @@ from pipeline.data.images import read_ir, read_raw, read_visible, write_image
 from pipeline.model.inference import Fuser
 from pipeline.model.network import build_model
 from pipeline.model.weights import save_checkpoint
-from tests.conftest import shared_dataset, shared_file
+from conftest import shared_dataset, shared_file
 
 
 @pytest.fixture(scope="module")

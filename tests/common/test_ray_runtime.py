@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from pipeline.demo import generate_demo
+from pipeline.data.demo import generate_demo
 from pipeline.common.ray_runtime import ray_options, resolve_address
 
 

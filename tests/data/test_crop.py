@@ -11,19 +11,17 @@ import pytest
 
 from conftest import shared_dataset, shared_file
 from pipeline.common.config import ParamsError
-from pipeline.data.register import read_accepted_pairs
+from pipeline.data.contracts import PATCH_SCHEMA, decode_patches, read_registered_pair
 from pipeline.data.crop import (
-    PATCH_SCHEMA,
     CropConfig,
     crop_arrays,
     crop_dataset,
-    decode_patches,
-    load_registered_pair,
     patch_positions,
     plan_crop,
     read_test_list,
     split_pairs,
 )
+from pipeline.data.images import split_luma
 from registered_fixtures import registered_from_dataset, write_registered
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -111,17 +109,6 @@ def test_crop_config_validation_names_the_key():
         CropConfig.from_params({"patch_size": 32, "drop_flat": -1})
 
 
-def test_manifest_errors_and_rejected_rows(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest.parquet"):
-        read_accepted_pairs(tmp_path)
-    img = np.zeros((40, 40), np.uint8)
-    write_registered(tmp_path, [("b", img, img), ("a", img, img)], rejected=["c"])
-    assert [r["pair_id"] for r in read_accepted_pairs(tmp_path)] == ["a", "b"]
-    write_registered(tmp_path / "none", [], rejected=["c"])
-    with pytest.raises(ValueError, match="no pair with status 'ok'"):
-        read_accepted_pairs(tmp_path / "none")
-
-
 def test_plan_skips_pairs_smaller_than_a_patch(tmp_path):
     big, small = np.zeros((80, 80), np.uint8), np.zeros((20, 90), np.uint8)
     write_registered(tmp_path, [(f"p{i}", big, big) for i in range(4)] + [("tiny", small, small)])
@@ -154,7 +141,8 @@ def test_crop_dataset_on_real_pairs_is_deterministic(tmp_path, ray_local):
     split_of = {p: s for s in ("train", "val", "test") for p in split[s]}
     assert all(split_of[p] == s for p, s in zip(rows["pair_id"], rows["split"]))
     # decoded patches are the registered IR and visible luma at their positions
-    ir, y = load_registered_pair(reg, stems[2])
+    ir, vi = read_registered_pair(reg, stems[2])
+    y, _ = split_luma(vi)
     idx = [i for i, p in enumerate(rows["pair_id"]) if p == stems[2]]
     expected = patch_positions(*ir.shape, 96, 80)
     assert [(rows["y"][i], rows["x"][i]) for i in idx] == expected  # RoadScene has no flat 96px patch

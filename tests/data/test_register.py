@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import shared_dataset
-from pipeline.demo import generate_demo, synth_pair
+from pipeline.data.demo import generate_demo, synth_pair
 from pipeline.data.images import read_ir, read_visible, split_luma, write_image
+from pipeline.data.contracts import MANIFEST_SCHEMA
 from pipeline.data.register import (
-    MANIFEST_SCHEMA,
     AlignOptions,
     NoPairsError,
     displacement_px,

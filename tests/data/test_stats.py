@@ -11,20 +11,21 @@ import pytest
 
 from conftest import shared_dataset
 from pipeline.evaluate import metrics
+from pipeline.common.config import ParamsError
+from pipeline.data.contracts import read_registered_pair
+from pipeline.data.crop import CropConfig, crop_dataset
+from pipeline.data.images import split_luma
 from pipeline.data.stats import (
     DIFF_EDGES,
     Normalisation,
-    StatsConfig,
     adaptive_weights,
     batch_statistics,
-    compute_stats,
     diff_histograms,
     histogram_quantile,
     image_statistics,
     scales_from_histograms,
 )
-from pipeline.common.config import ParamsError
-from pipeline.data.crop import CropConfig, crop_dataset, load_registered_pair
+from pipeline.data.stats_stage import StatsConfig, compute_stats
 from registered_fixtures import registered_from_dataset
 
 NORM = Normalisation({"entropy": 1.0, "std": 10.0, "grad_energy": 50.0})
@@ -151,7 +152,8 @@ def test_crop_and_stats_on_real_roadscene_pairs(tmp_path, ray_local):
     ir_patch = np.frombuffer(row["ir"], np.uint8).reshape(64, 64)
     assert image_statistics(ir_patch)["grad_energy"] == pytest.approx(row["ir_grad_energy"])
     # image rows: stats of the whole registered image; patch rows carry the weights of their image
-    ir, y = load_registered_pair(reg, stems[0])
+    ir, vi = read_registered_pair(reg, stems[0])
+    y, _ = split_luma(vi)
     first = images.set_index("pair_id").loc[stems[0]]
     assert image_statistics(y)["entropy"] == pytest.approx(first["vi_entropy"])
     assert np.allclose(patches[patches.pair_id == stems[0]]["img_w_int_ir"], first["w_int_ir"])

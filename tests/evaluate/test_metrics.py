@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.evaluate import metrics as M
 from pipeline.data.images import read_gray
-from tests.conftest import shared_dataset, shared_file
+from pipeline.evaluate.score import evaluate_folder
+from conftest import shared_dataset, shared_file
 
 # CDDFuse's published TNO row for SDNet (EN, SD, SF, MI, SCD, VIF, Qabf, SSIM).
 PUBLISHED_SDNET = {"EN": 6.64, "SD": 32.66, "SF": 12.05, "MI": 1.52, "SCD": 1.49, "VIF": 0.56, "Qabf": 0.44, "SSIM": 1.00}
@@ -244,7 +245,7 @@ def test_reproduces_cddfuse_published_sdnet_row() -> None:
     names = _tno_names()
     fused_dir = shared_file("reference", "TNO_fused", "SDNet")
     assert sorted(p.name for p in fused_dir.glob("*.png")) == sorted(names)  # named as the TNO pairs
-    df = M.evaluate_folder(tno / "ir", tno / "vi", fused_dir, parallel=False)
+    df = evaluate_folder(tno / "ir", tno / "vi", fused_dir, parallel=False)
     assert list(df.columns) == ["name", *M.METRICS]
     assert len(df) == 25 and df.attrs["skipped"] == []
     means = df[list(M.METRICS)].mean()

@@ -18,7 +18,7 @@ from pipeline.model.weights import (
     resolve_model_source,
     save_checkpoint,
 )
-from tests.conftest import shared_dataset, shared_file
+from conftest import shared_dataset, shared_file
 
 OFFICIAL = ("models", "mda_official", "fusion_model.pth")
 

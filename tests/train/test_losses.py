@@ -15,10 +15,10 @@ from pipeline.train.losses import (
     feature_loss,
     gram_distance,
     patch_weight_maps,
-    ssim,
+    mean_ssim,
     ssim_map,
 )
-from tests.conftest import REPO, shared_dataset
+from conftest import REPO, shared_dataset
 
 H = W = 32
 IR_ONLY = {"int_ir": 1.0, "int_vi": 0.0, "det_ir": 1.0, "det_vi": 0.0}
@@ -55,17 +55,17 @@ def _features(b: int, seed: int) -> dict[str, list[torch.Tensor]]:
 # ---------------------------------------------------------------- SSIM
 def test_ssim_identical_is_one_and_symmetric():
     x, y = _textured(0), _textured(1)
-    torch.testing.assert_close(ssim(x, x), torch.ones(2))
-    torch.testing.assert_close(ssim(x, y), ssim(y, x))
+    torch.testing.assert_close(mean_ssim(x, x), torch.ones(2))
+    torch.testing.assert_close(mean_ssim(x, y), mean_ssim(y, x))
     const = torch.full((1, 1, H, W), 0.3)
-    torch.testing.assert_close(ssim(const, const), torch.ones(1))
+    torch.testing.assert_close(mean_ssim(const, const), torch.ones(1))
     s = ssim_map(x, y)
     assert s.shape == (2, 1, H - 10, W - 10)
     assert (s <= 1 + 1e-6).all() and (s >= -1 - 1e-6).all()
     noisy = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
     noisier = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
-    assert (ssim(x, noisier) < ssim(x, noisy)).all() and (ssim(x, noisy) < 1).all()
-    assert torch.isfinite(ssim(const, x)).all()
+    assert (mean_ssim(x, noisier) < mean_ssim(x, noisy)).all() and (mean_ssim(x, noisy) < 1).all()
+    assert torch.isfinite(mean_ssim(const, x)).all()
 
 
 def test_ssim_matches_scikit_image_gaussian_reference():
@@ -76,7 +76,7 @@ def test_ssim_matches_scikit_image_gaussian_reference():
         x[0, 0].double().numpy(), y[0, 0].double().numpy(),
         gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0,
     )
-    assert float(ssim(x, y)) == pytest.approx(ref, abs=1e-5)
+    assert float(mean_ssim(x, y)) == pytest.approx(ref, abs=1e-5)
 
 
 # ---------------------------------------------------------------- weight maps

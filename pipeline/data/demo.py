@@ -21,7 +21,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.data.demo_options import DemoOptions
 from pipeline.data.images import write_image
+
+_DEFAULTS = DemoOptions()
 
 #: Per-target temperature rise in the IR image (gray levels above the local background).
 _TARGET_WARMTH = (70.0, 110.0)
@@ -63,7 +66,7 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> None:
     canvas[mask] = colour
 
 
-def synth_pair(seed: int, index: int, height: int = 160, width: int = 224) -> DemoPair:
+def synth_pair(seed: int, index: int, height: int = _DEFAULTS.height, width: int = _DEFAULTS.width) -> DemoPair:
     """Render pair ``index`` of the demo dataset.
 
     Args:
@@ -172,7 +175,11 @@ def synth_pair(seed: int, index: int, height: int = 160, width: int = 224) -> De
 
 
 def generate_demo(
-    out_dir: str | Path, num_pairs: int = 12, height: int = 160, width: int = 224, seed: int = 2024
+    out_dir: str | Path,
+    num_pairs: int = _DEFAULTS.num_pairs,
+    height: int = _DEFAULTS.height,
+    width: int = _DEFAULTS.width,
+    seed: int = _DEFAULTS.seed,
 ) -> list[str]:
     """Write the demo dataset: ``out_dir/ir/<stem>.png`` and ``out_dir/vi/<stem>.png``.
 

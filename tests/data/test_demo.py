@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.demo import generate_demo, synth_pair
+from pipeline.data.demo import generate_demo, synth_pair
 from pipeline.data.images import find_pairs, read_ir, read_visible
 
 

@@ -1,0 +1,414 @@
+"""The ``stats`` stage on Ray Data: statistics and adaptive weights of every patch and image.
+
+The maths (statistics, weights, scales) is in ``pipeline.data.stats``.
+
+The ``stats`` step (``compute_stats``) runs two passes of Ray Data over the patches: pass 1 adds
+the statistics (staged as Parquet), whose ``|IR - VIS|`` histograms are then accumulated into the
+scales (each task returns its shard's histograms, summed in the driver); pass 2 maps the weights.
+Each Ray task reads one shard and writes its output shard itself (same file name), so outputs are
+deterministic whatever the cluster. Whole images are one
+more Ray Data map over the pairs. It writes
+
+- ``<out>/patches/part-NNNNN.parquet``: the patch columns (``pipeline.data.crop.PATCH_SCHEMA``) +
+  ``{ir,vi}_{entropy,std,grad_energy,avg_grad}`` (float64) + ``w_int_ir, w_int_vi, w_det_ir,
+  w_det_vi`` + the weights of the patch's whole image ``img_w_int_ir, img_w_int_vi, img_w_det_ir,
+  img_w_det_vi``;
+- ``<out>/images.parquet``: one row per pair (``pair_id, split, height, width``, statistics,
+  weights ``w_*``);
+- ``<out>/normalisation.json``; the DVC metrics file (mean, std, p5, p50, p95 of ``w_int_ir`` and
+  ``w_det_ir``, patch- and image-level) and the histogram plot CSV (bin centre vs count).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from pipeline.common.atomic_io import atomic_writer, replace_dir, staging_dir, write_json
+from pipeline.common.config import ParamsError, read_settings, setting
+from pipeline.common.ray_runtime import configure_data_context
+from pipeline.data.contracts import SPLITS, WEIGHT_NAMES, column_list, decode_patches, read_registered_pair, read_split
+from pipeline.data.images import split_luma
+from pipeline.data.stats import (
+    DIFF_EDGES,
+    MODALITIES,
+    STAT_NAMES,
+    Normalisation,
+    adaptive_weights,
+    batch_statistics,
+    diff_histograms,
+    histogram_quantile,
+    image_statistics,
+    scales_from_histograms,
+)
+
+log = logging.getLogger(__name__)
+
+#: Edges of the fine weight histogram used for the percentiles of the metrics.
+WEIGHT_EDGES = np.linspace(0.0, 1.0, 1001)
+PLOT_BINS = 50
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _stat_names(value: Sequence[Any], key: str) -> tuple[str, ...]:
+    """A non-empty list of statistic names (:data:`STAT_NAMES`) as a tuple."""
+    bad = [v for v in value if v not in STAT_NAMES]
+    if not value or bad:
+        raise ParamsError(f"params: '{key}' must be a non-empty list of {list(STAT_NAMES)}, got {list(value)}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """The ``stats`` section of ``params.yaml``.
+
+    Attributes:
+        log_sigma: Gaussian sigma of the LoG in pixels.
+        temperature: softmax temperature of the weights.
+        intensity_terms, detail_terms: statistics summed into each score (see module docstring).
+        scale_split: split whose data sets the scales (``train``: no test data leaks in).
+    """
+
+    log_sigma: float = setting(1.0, float, minimum=0.1)
+    temperature: float = setting(1.0, float, minimum=1e-3)
+    intensity_terms: tuple[str, ...] = setting(("entropy", "std"), list, convert=_stat_names)
+    detail_terms: tuple[str, ...] = setting(("grad_energy",), list, convert=_stat_names)
+    scale_split: str = setting("train", str, choices=["train", "all"])
+    terms: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "terms", tuple(dict.fromkeys(self.intensity_terms + self.detail_terms)))
+
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any]) -> "StatsConfig":
+        """Read and validate the ``stats`` section; raises ``ParamsError`` naming the key."""
+        return read_settings(cls, cfg, "stats")
+
+    def normalisation(self, scales: Mapping[str, float]) -> Normalisation:
+        """The ``Normalisation`` of these settings with the given scales."""
+        return Normalisation(dict(scales), self.temperature, self.intensity_terms, self.detail_terms)
+
+
+# ----------------------------------------------------------------------------- batch functions
+
+
+def stat_columns(prefix: str = "") -> list[str]:
+    """Names of the statistic columns: ``{prefix}{ir,vi}_{entropy,...}``."""
+    return [f"{prefix}{m}_{s}" for m in MODALITIES for s in STAT_NAMES]
+
+
+def add_patch_stats(batch: pa.Table, log_sigma: float) -> pa.Table:
+    """Pass 1 on a batch of patch rows: append the 8 statistic columns (Ray Data or a loop)."""
+
+    sizes = set(batch.column("size").to_pylist()) if batch.num_rows else {0}
+    if len(sizes) != 1:
+        raise ValueError(f"a batch mixes patch sizes {sorted(sizes)}")
+    size = sizes.pop()
+    for m in MODALITIES:
+        stats = batch_statistics(decode_patches(batch.column(m).to_pylist(), size), log_sigma)
+        for s in STAT_NAMES:
+            batch = batch.append_column(f"{m}_{s}", pa.array(stats[s], pa.float64()))
+    return batch
+
+
+def _split_stats(batch: Any, only_split: str | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    cols = {name: np.asarray(batch[name]) for name in batch.keys()} if isinstance(batch, Mapping) else {
+        name: batch.column(name).to_numpy() for name in batch.column_names
+    }
+    keep = slice(None) if only_split is None else np.asarray(cols["split"]) == only_split
+    ir = {s: cols[f"ir_{s}"][keep] for s in STAT_NAMES if f"ir_{s}" in cols}
+    vi = {s: cols[f"vi_{s}"][keep] for s in STAT_NAMES if f"vi_{s}" in cols}
+    return ir, vi
+
+
+def diff_histogram_batch(batch: Any, names: Sequence[str], only_split: str | None) -> dict[str, np.ndarray]:
+    """A batch -> one row holding the ``|IR - VIS|`` histogram of each statistic in ``names``."""
+    ir, vi = _split_stats(batch, only_split)
+    hists = diff_histograms(ir, vi, names)
+    return {name: hists[name][None, :] for name in names}
+
+
+def add_patch_weights(
+    batch: pa.Table, norm: Normalisation, image_weights: Mapping[str, Sequence[float]]
+) -> pa.Table:
+    """Pass 2 on a batch with statistics: append the patch weights and the image weights of its pair.
+
+    Args:
+        batch: patch rows with the statistic columns.
+        norm: the patch-level scales and terms.
+        image_weights: pair id -> ``(int_ir, int_vi, det_ir, det_vi)`` of the whole image.
+    """
+    ir, vi = _split_stats(batch, None)
+    weights = adaptive_weights(ir, vi, norm)
+    for name in WEIGHT_NAMES:
+        batch = batch.append_column(f"w_{name}", pa.array(np.atleast_1d(weights[name]), pa.float64()))
+    ids = batch.column("pair_id").to_pylist()
+    try:
+        img = np.array([image_weights[i] for i in ids], dtype=np.float64).reshape(len(ids), 4)
+    except KeyError as exc:
+        raise ValueError(f"pair {exc} has patches but no image statistics") from None
+    for j, name in enumerate(WEIGHT_NAMES):
+        batch = batch.append_column(f"img_w_{name}", pa.array(img[:, j], pa.float64()))
+    return batch
+
+
+def image_stats_batch(batch: Any, registered_dir: str, log_sigma: float) -> pa.Table:
+    """Statistics of whole registered images for a batch of ``{pair_id, split}`` rows."""
+
+    cols: dict[str, list[Any]] = {"pair_id": [], "split": [], "height": [], "width": []}
+    cols.update({c: [] for c in stat_columns()})
+    for pair_id, split in zip(column_list(batch, "pair_id"), column_list(batch, "split")):
+        ir, vi = read_registered_pair(registered_dir, pair_id)
+        y, _ = split_luma(vi)
+        cols["pair_id"].append(pair_id)
+        cols["split"].append(split)
+        cols["height"].append(ir.shape[0])
+        cols["width"].append(ir.shape[1])
+        for m, img in (("ir", ir), ("vi", y)):
+            for s, v in image_statistics(img, log_sigma).items():
+                cols[f"{m}_{s}"].append(v)
+    types = {"pair_id": pa.string(), "split": pa.string(), "height": pa.int32(), "width": pa.int32()}
+    return pa.table({k: pa.array(v, types.get(k, pa.float64())) for k, v in cols.items()})
+
+
+def weight_summary_batch(batch: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """A batch -> one row per weight column: count, sum, sum of squares and fine histogram."""
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        v = np.asarray(batch[name], dtype=np.float64)
+        out[f"{name}__moments"] = np.array([[v.size, v.sum(), np.square(v).sum()]])
+        out[f"{name}__hist"] = np.histogram(v, bins=WEIGHT_EDGES)[0][None, :].astype(np.int64)
+    return out
+
+
+def summarise_weights(moments: np.ndarray, hist: np.ndarray) -> dict[str, float]:
+    """``{"mean", "std", "p5", "p50", "p95"}`` from accumulated moments and fine histogram."""
+    n, s, s2 = (float(x) for x in moments)
+    mean = s / n if n else float("nan")
+    std = math.sqrt(max(s2 / n - mean * mean, 0.0)) if n else float("nan")
+    out = {"mean": mean, "std": std}
+    for q in (5, 50, 95):
+        out[f"p{q}"] = histogram_quantile(hist, WEIGHT_EDGES, q / 100.0)
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- the stats step
+
+
+def _numpy_columns(table: pa.Table, names: Sequence[str]) -> dict[str, np.ndarray]:
+    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}
+
+
+def stats_shard(
+    shard: Mapping[str, Any], src_dir: str, dst_dir: str, log_sigma: float, names: Sequence[str], scale_split: str | None
+) -> dict[str, Any]:
+    """Pass 1 on one patch shard (a Ray Data ``map`` row ``{"file"}``): statistics -> ``dst_dir/file``.
+
+    Returns:
+        ``{"file", "rows", "split_<name>": hist, "all_<name>": hist}``: the ``|IR - VIS|``
+        histograms (``DIFF_EDGES``) of each statistic in ``names`` over the rows of ``scale_split``
+        and over every row.
+    """
+    table = add_patch_stats(pq.read_table(Path(src_dir) / shard["file"]), log_sigma)
+    pq.write_table(table, Path(dst_dir) / shard["file"])
+    cols = _numpy_columns(table, ["split", *(f"{m}_{k}" for m in MODALITIES for k in names)])
+    out: dict[str, Any] = {"file": shard["file"], "rows": table.num_rows}
+    for prefix, split in (("split_", scale_split), ("all_", None)):
+        for name, hist in diff_histogram_batch(cols, names, split).items():
+            out[prefix + name] = hist[0]
+    return out
+
+
+def weights_shard(
+    shard: Mapping[str, Any], src_dir: str, dst_dir: str, norm: Mapping[str, Any],
+    image_weights: Mapping[str, Sequence[float]], watched: Sequence[str],
+) -> dict[str, Any]:
+    """Pass 2 on one shard with statistics: weights -> ``dst_dir/file``; returns the weight summaries."""
+    table = add_patch_weights(pq.read_table(Path(src_dir) / shard["file"]), norm, image_weights)
+    pq.write_table(table, Path(dst_dir) / shard["file"])
+    summary = weight_summary_batch(_numpy_columns(table, watched), watched)
+    return {"file": shard["file"], **{k: v[0] for k, v in summary.items()}}
+
+
+def accumulate_scales(rows: Any, names: Sequence[str], scale_split: str | None) -> tuple[dict[str, float], int]:
+    """Sum the pass-1 histograms of every shard into the scales (falls back to every split if empty)."""
+    totals = {p + n: np.zeros(len(DIFF_EDGES) - 1, np.int64) for p in ("split_", "all_") for n in names}
+    for row in rows:
+        for key in totals:
+            totals[key] += np.asarray(row[key], np.int64)
+    prefix = "split_"
+    if scale_split is not None and totals["split_" + names[0]].sum() == 0:
+        log.warning("stats: no '%s' patch; the scales use every split", scale_split)
+        prefix = "all_"
+    hists = {n: totals[prefix + n] for n in names}
+    return scales_from_histograms(hists), int(hists[names[0]].sum())
+
+
+def accumulate_weight_metrics(rows: Any, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Sum per-shard weight summaries into ``{name: {"mean", "std", "p5", ...}}`` and fine histograms."""
+    moments = {n: np.zeros(3) for n in names}
+    hists = {n: np.zeros(len(WEIGHT_EDGES) - 1, np.int64) for n in names}
+    for row in rows:
+        for n in names:
+            moments[n] += np.asarray(row[f"{n}__moments"], np.float64).reshape(3)
+            hists[n] += np.asarray(row[f"{n}__hist"], np.int64)
+    return {n: summarise_weights(moments[n], hists[n]) for n in names}, hists
+
+
+def write_hist_csv(path: str | Path, hists: Mapping[str, np.ndarray]) -> Path:
+    """Write ``bin_centre`` + one count column per histogram (``PLOT_BINS`` bins over [0, 1])."""
+
+    group = (len(WEIGHT_EDGES) - 1) // PLOT_BINS
+    centres = (np.arange(PLOT_BINS) + 0.5) / PLOT_BINS
+    coarse = {k: np.asarray(v).reshape(PLOT_BINS, group).sum(axis=1) for k, v in hists.items()}
+    with atomic_writer(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["bin_centre", *coarse])
+        for i, c in enumerate(centres):
+            writer.writerow([f"{c:.3f}", *(int(v[i]) for v in coarse.values())])
+    return Path(path)
+
+
+def compute_stats(
+    patches_dir: str | Path,
+    registered_dir: str | Path,
+    out_dir: str | Path,
+    cfg: StatsConfig,
+    metrics_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """The stats step (two Ray Data passes), run inside ``pipeline.common.ray_runtime.ray_session``.
+
+    Args:
+        patches_dir: output of the crop step (``part-*.parquet`` + ``split.json``).
+        registered_dir: output of the register step (whole images).
+        out_dir: stats folder (``patches/``, ``images.parquet``, ``normalisation.json``), replaced
+            atomically at the end.
+        cfg: stats parameters.
+        metrics_path: JSON metrics file (weight spread), or ``None``.
+        plot_path: CSV histogram of the weights, or ``None``.
+
+    Returns:
+        The metrics dictionary (also written to ``metrics_path``).
+    """
+    patches_dir, out_dir = Path(patches_dir), Path(out_dir)
+    parts = sorted(patches_dir.glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no patch shards (part-*.parquet) in {patches_dir}")
+    split = read_split(patches_dir / "split.json")
+    items = sorted(({"pair_id": p, "split": s} for s in SPLITS for p in split[s]), key=lambda r: r["pair_id"])
+    configure_data_context()
+    watched = ["w_int_ir", "w_det_ir"]
+    tmp = staging_dir(out_dir)
+    try:
+        image_table, img_scales, img_count, image_weights = _image_level(items, registered_dir, cfg, tmp)
+        scales, count, patch_metrics, patch_hists = _patch_level(parts, patches_dir, cfg, image_weights, watched, tmp)
+        write_json(tmp / "normalisation.json", {
+            "method": "median over the scale split of |stat(IR) - stat(VIS)| (streaming log histogram)",
+            "scale_split": cfg.scale_split,
+            "temperature": cfg.temperature,
+            "intensity_terms": list(cfg.intensity_terms),
+            "detail_terms": list(cfg.detail_terms),
+            "log_sigma": cfg.log_sigma,
+            "patch": {"scales": scales, "count": count},
+            "image": {"scales": img_scales, "count": img_count},
+        })
+        img_summary = weight_summary_batch(_numpy_columns(image_table, watched), watched)
+        img_metrics, img_hists = accumulate_weight_metrics([{k: v[0] for k, v in img_summary.items()}], watched)
+        metrics = {
+            "patch": {"count": int(patch_hists[watched[0]].sum()), **patch_metrics},
+            "image": {"count": image_table.num_rows, **img_metrics},
+            "scales": {"patch": scales, "image": img_scales},
+        }
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    if plot_path is not None:
+        hists = {f"{n}_patch": patch_hists[n] for n in watched}
+        hists.update({f"{n}_image": img_hists[n] for n in watched})
+        write_hist_csv(plot_path, hists)
+    log.info("stats: %s", metrics)
+    return metrics
+
+
+def _image_level(
+    items: list[dict[str, str]], registered_dir: str | Path, cfg: StatsConfig, tmp: Path
+) -> tuple[pa.Table, dict[str, float], int, dict[str, tuple[float, ...]]]:
+    """Whole images: statistics (one Ray Data map over the pairs), scales, weights -> ``images.parquet``.
+
+    Returns:
+        ``(image_table, scales, count, {pair_id: (int_ir, int_vi, det_ir, det_vi)})``.
+    """
+    refs = (
+        ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+        .map_batches(image_stats_batch, batch_size=None, batch_format="pyarrow",
+                     fn_kwargs={"registered_dir": str(registered_dir), "log_sigma": cfg.log_sigma})
+        .to_arrow_refs()
+    )
+    image_table = pa.concat_tables(ray.get(refs)).sort_by("pair_id")
+    cols = {c: image_table.column(c).to_numpy() for c in image_table.column_names}
+    scales, count = _level_scales(cols, cfg)
+    ir = {s: cols[f"ir_{s}"] for s in STAT_NAMES}
+    vi = {s: cols[f"vi_{s}"] for s in STAT_NAMES}
+    weights = adaptive_weights(ir, vi, cfg.normalisation(scales))
+    for name in WEIGHT_NAMES:
+        image_table = image_table.append_column(f"w_{name}", pa.array(np.atleast_1d(weights[name]), pa.float64()))
+    pq.write_table(image_table, tmp / "images.parquet")
+    per_pair = {pid: tuple(float(weights[n][i]) for n in WEIGHT_NAMES) for i, pid in enumerate(cols["pair_id"])}
+    return image_table, scales, count, per_pair
+
+
+def _patch_level(
+    parts: list[Path], patches_dir: Path, cfg: StatsConfig, image_weights: Mapping[str, Sequence[float]],
+    watched: list[str], tmp: Path,
+) -> tuple[dict[str, float], int, dict[str, Any], dict[str, np.ndarray]]:
+    """Patches: pass 1 adds the statistics (staged) and sums the |IR - VIS| histograms into the
+    scales; pass 2 adds the weights (+ those of the patch's whole image) -> ``patches/``.
+
+    Returns:
+        ``(scales, count, weight metrics, weight histograms)``.
+    """
+    stage1 = tmp / ".pass1"
+    stage1.mkdir()
+    shards = [{"file": p.name} for p in parts]
+    only = None if cfg.scale_split == "all" else cfg.scale_split
+    rows = (ray.data.from_items(shards, override_num_blocks=len(shards))
+            .map(stats_shard, fn_kwargs={"src_dir": str(patches_dir), "dst_dir": str(stage1),
+                                         "log_sigma": cfg.log_sigma, "names": list(cfg.terms), "scale_split": only})
+            .iter_rows())
+    scales, count = accumulate_scales(rows, cfg.terms, only)
+    (tmp / "patches").mkdir()
+    rows = (ray.data.from_items(shards, override_num_blocks=len(shards))
+            .map(weights_shard, fn_kwargs={"src_dir": str(stage1), "dst_dir": str(tmp / "patches"),
+                                           "norm": cfg.normalisation(scales), "image_weights": image_weights,
+                                           "watched": watched})
+            .iter_rows())
+    metrics, hists = accumulate_weight_metrics(rows, watched)
+    shutil.rmtree(stage1)
+    return scales, count, metrics, hists
+
+
+def _level_scales(cols: Mapping[str, np.ndarray], cfg: StatsConfig) -> tuple[dict[str, float], int]:
+    """Scales from in-memory per-image statistics (the scale split, else every row)."""
+    keep = np.asarray(cols["split"]) == cfg.scale_split if cfg.scale_split != "all" else np.ones(len(cols["split"]), bool)
+    if not keep.any():
+        keep = np.ones(len(cols["split"]), bool)
+    ir = {s: cols[f"ir_{s}"][keep] for s in cfg.terms}
+    vi = {s: cols[f"vi_{s}"][keep] for s in cfg.terms}
+    return scales_from_histograms(diff_histograms(ir, vi, cfg.terms)), int(keep.sum())
