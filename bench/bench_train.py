@@ -68,7 +68,8 @@ def _setup(cfg: dict):
 
     from pipeline.train.losses import FusionLoss
     from pipeline.model.network import build_model
-    from pipeline.train.driver import TrainSettings, build_optimizer
+    from pipeline.train.settings import TrainSettings
+    from pipeline.train.step import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(cfg["model_name"], **cfg["model_args"])
@@ -84,7 +85,7 @@ def plain(cfg: dict) -> dict:
     import torch
 
     from pipeline.train.data import decode_patches, patch_columns
-    from pipeline.train.driver import train_step
+    from pipeline.train.step import train_step
 
     torch.set_num_threads(cfg["threads"])
     t_start = time.perf_counter()
@@ -116,7 +117,7 @@ def _ray_loop(cfg: dict) -> None:
     import torch
 
     from pipeline.train.data import PatchCollate
-    from pipeline.train.driver import train_step
+    from pipeline.train.step import train_step
 
     ctx = ray.train.get_context()
     world = ctx.get_world_size()

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.evaluate.stage import EvalConfig, evaluate, log_to_run
         from pipeline.common.ray_runtime import ray_options, ray_session
-        from pipeline.model.model_uri import read_train_info
+        from pipeline.train.runs import read_train_info
         from pipeline.common.mlflow_store import configure_mlflow
 
         params = load_params(args.params)

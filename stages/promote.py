@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         from pipeline.evaluate.promote import PromoteConfig, promote, read_eval_means, read_test_set_digest, write_decision
-        from pipeline.model.model_uri import read_train_info
+        from pipeline.train.runs import read_train_info
         from pipeline.common.mlflow_store import configure_mlflow
 
         cfg = PromoteConfig.from_params(section(load_params(args.params), "promote"))

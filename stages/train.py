@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         from pipeline.common.config import load_params
-        from pipeline.train.driver import TrainPaths, run_training
+        from pipeline.train.driver import run_training
+        from pipeline.train.runs import TrainPaths
 
         paths = TrainPaths(
             patches_dir=Path(args.patches), registered_dir=Path(args.registered), split_json=Path(args.split),

@@ -4,6 +4,9 @@
 ``patches/split.json``, ``stats/patches/part-0000.parquet`` (patch columns, patch weights ``w_*``
 and the pair's image weights ``img_w_*``) and
 ``stats/images.parquet`` (per-pair image weights), and returns the paths.
+
+Also the tiny network, loss and patch batch of the training tests (``tiny_model``, ``tiny_loss``,
+``patch_batch``) and a fake Ray Train run folder (``fake_ray_run``).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def tiny_params(tmp: Path, **train: Any) -> dict[str, Any]:
 
 def train_paths(inputs: dict[str, Path], out: Path):
     """``TrainPaths`` for generated inputs, outputs under ``out``."""
-    from pipeline.train.driver import TrainPaths
+    from pipeline.train.runs import TrainPaths
 
     return TrainPaths(
         patches_dir=inputs["patches"], registered_dir=inputs["registered"], split_json=inputs["split"],
@@ -108,3 +111,43 @@ def train_paths(inputs: dict[str, Path], out: Path):
         summary_json=out / "models" / "train.json", metrics_json=out / "metrics" / "train.json",
         loss_csv=out / "plots" / "train_loss.csv", val_csv=out / "plots" / "train_val.csv", root=out,
     )
+
+
+def tiny_model():
+    """``TINY_MODEL`` with seeded weights (the same on every call)."""
+    import torch
+
+    from pipeline.model.network import build_model
+
+    torch.manual_seed(0)
+    return build_model(TINY_MODEL["name"], **TINY_MODEL["args"])
+
+
+def tiny_loss(params: dict[str, Any]):
+    """``FusionLoss`` of the ``loss:`` section of ``params``."""
+    from pipeline.train.losses import FusionLoss
+
+    return FusionLoss.from_params(params["loss"])
+
+
+def patch_batch(n: int = 4, s: int = 16, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """A raw patch-table batch (as Ray Data hands it to ``decode_patches``) and its (n, s, s) IR/visible."""
+    rng = np.random.default_rng(seed)
+    ir = rng.integers(0, 256, (n, s, s), dtype=np.uint8)
+    vi = rng.integers(0, 256, (n, s, s), dtype=np.uint8)
+    a, b = rng.uniform(0.2, 0.8, n), rng.uniform(0.2, 0.8, n)
+    c, d = rng.uniform(0.2, 0.8, n), rng.uniform(0.2, 0.8, n)
+    raw = {"size": np.full(n, s, np.int32), "ir": np.array([x.tobytes() for x in ir], dtype=object),
+           "vi": np.array([x.tobytes() for x in vi], dtype=object),
+           "w_int_ir": a, "w_int_vi": 1 - a, "w_det_ir": b, "w_det_vi": 1 - b,
+           "img_w_int_ir": c, "img_w_int_vi": 1 - c, "img_w_det_ir": d, "img_w_det_vi": 1 - d}
+    return raw, ir, vi
+
+
+def fake_ray_run(run_dir: Path, epochs: int) -> None:
+    """A Ray Train V2 run folder whose checkpoint manager registered checkpoints up to ``epochs``."""
+    run_dir.mkdir(parents=True)
+    results = [{"checkpoint_dir_name": f"checkpoint_{e}", "metrics": {"epoch": e, "val_qabf": 0.1}}
+               for e in range(1, epochs + 1)]
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"checkpoint_results": results, "latest_checkpoint_result": results[-1]}))

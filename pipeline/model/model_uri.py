@@ -1,6 +1,7 @@
 """Resolving MLflow model URIs (``models:/NAME@ALIAS``, ``models:/NAME/3``, ``runs:/ID/model``) to
-the weights file they carry, for ``mda fuse --model`` and anything else that wants a checkpoint; and
-reading ``models/train.json``, the train stage's pointer to its MLflow run and logged model.
+the weights file they carry, for ``mda fuse --model`` and anything else that wants a checkpoint
+(``models/train.json``, the train stage's pointer to its MLflow run and logged model, is read by
+``pipeline.train.runs.read_train_info``).
 
 The fusion models logged by the train stage (``pipeline.model.pyfunc``) are ``pyfunc`` models whose
 weights travel as the artifact ``checkpoint`` (our checkpoint format). Resolution downloads the
@@ -12,11 +13,9 @@ path of that artifact.
 from __future__ import annotations
 
 import atexit
-import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 #: URI prefixes handled here (anything else is a file path).
 MLFLOW_URI_PREFIXES: tuple[str, ...] = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -24,28 +23,6 @@ MLFLOW_URI_PREFIXES: tuple[str, ...] = ("models:/", "runs:/", "mlflow-artifacts:
 CHECKPOINT_ARTIFACT = "checkpoint"
 
 _DOWNLOADS: list[str] = []
-
-
-def read_train_info(path: str | Path) -> dict[str, Any]:
-    """Read ``models/train.json`` (``run_id``, ``model_uri``, ``checkpoint``, ...).
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: not JSON, or a required key is missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training summary not found: {path} (run the train stage)")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key in ("run_id", "model_uri", "checkpoint"):
-        if not info.get(key):
-            raise ValueError(f"{path}: missing '{key}'")
-    return info
 
 
 def is_mlflow_uri(spec: str | Path) -> bool:

@@ -148,7 +148,7 @@ def test_official_baseline_scored_when_present(tiny_project, ray_local):
 
 def test_bad_inputs_are_clear_errors(tiny_project):
     from pipeline.evaluate.stage import evaluate, list_test_pairs
-    from pipeline.model.model_uri import read_train_info
+    from pipeline.train.runs import read_train_info
 
     root = tiny_project
     with pytest.raises(FileNotFoundError, match="trained checkpoint not found: .*nope.pt"):

@@ -209,7 +209,7 @@ def _ddp_loop(config):
 
     from pipeline.train.losses import FusionLoss
     from pipeline.model.network import build_model
-    from pipeline.train.driver import train_step
+    from pipeline.train.step import train_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -233,7 +233,7 @@ def test_ddp_two_workers_match_one_process_with_double_batch(tmp_path, ray_local
 
     from pipeline.train.losses import FusionLoss
     from pipeline.model.network import build_model
-    from pipeline.train.driver import train_step
+    from pipeline.train.step import train_step
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     params = tiny_params(tmp_path)

@@ -1,0 +1,154 @@
+"""Optimisation and validation steps in plain PyTorch: optimiser, learning-rate schedule, one
+training step, whole-image validation. Usable without Ray (the benchmark's plain loop uses them)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from pipeline.data.images import merge_luma
+from pipeline.evaluate import metrics
+from pipeline.model.inference import fuse_padded
+from pipeline.train.data import WEIGHT_KEYS
+from pipeline.train.settings import TrainSettings
+
+
+def build_optimizer(model: Any, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay
+    )
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based): linear warm-up, then cosine
+    decay from 1 to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: Any, settings: TrainSettings, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` stepping once per optimiser step with ``lr_factor``."""
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, settings.warmup_steps, settings.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_step(
+    model: Any,
+    batch: Mapping[str, Any],
+    loss_fn: Any,
+    optimizer: Any,
+    scheduler: Any | None = None,
+    grad_clip: float = 0.0,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """One optimiser step on a batch.
+
+    Args:
+        model: the network (plain or DDP-wrapped), called as ``model(ir, vi, return_features=True)``.
+        batch: ``ir``, ``vi`` (B, 1, S, S) float in [0, 1] and the (B,) loss weights ``int_ir``,
+            ``int_vi``, ``det_ir``, ``det_vi`` (as ``pipeline.train.data.decode_patches``).
+        loss_fn: ``pipeline.train.losses.FusionLoss``.
+        optimizer, scheduler: stepped once each (scheduler may be ``None``).
+        grad_clip: max global gradient norm, 0 disables clipping.
+        bf16: autocast the forward pass to bfloat16 (GPU only; the loss runs in fp32).
+
+    Returns:
+        ``loss`` and each loss term (floats, this worker's batch), ``grad_norm`` and ``lr`` (the
+        learning rate used for this step).
+    """
+    ir, vi = batch["ir"], batch["vi"]
+    weights = {k: batch[k] for k in WEIGHT_KEYS}
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(ir.device.type, dtype=torch.bfloat16, enabled=bf16):
+        fused, feats = model(ir, vi, return_features=True)
+    total, terms = loss_fn(fused.float(), ir, vi, weights, features=feats)
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"non-finite training loss {float(total)} (terms: {_floats(terms)})")
+    total.backward()
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+        )
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    out = {"loss": float(total.detach()), **_floats(terms)}
+    out["grad_norm"] = float(norm)
+    out["lr"] = float(lr)
+    return out
+
+
+def _floats(terms: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in terms.items()}
+
+
+def validate(
+    model: Any, pairs: Iterable[Any], loss_fn: Any, device: Any = "cpu", keep: int = 0
+) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
+    """Fuse whole validation pairs and score them.
+
+    Args:
+        model: unwrapped network (eval mode is set here and restored).
+        pairs: ``pipeline.train.data.ValPair`` items.
+        loss_fn: the training loss (its terms are reported on whole images, image-level weights).
+        device: torch device.
+        keep: how many fused images (uint8, colour when the visible input is colour) to return.
+
+    Returns:
+        ``(sums, samples)``: metric sums over the pairs (``val_loss``, ``val_<term>``,
+        ``val_ssim`` and ``val_qabf`` from :mod:`pipeline.evaluate.metrics` with the CDDFuse conventions on
+        the fused luma vs the IR and the visible luma, and ``count``) and ``[(stem, image)]``.
+    """
+    sums: dict[str, float] = {"count": 0.0}
+    samples: list[tuple[str, np.ndarray]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for pair in pairs:
+                row, fused_u8 = _score_pair(model, pair, loss_fn, device)
+                for k, v in row.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                sums["count"] += 1.0
+                if len(samples) < keep:
+                    samples.append((pair.stem, merge_luma(fused_u8, pair.vi_crcb)))
+    finally:
+        model.train(was_training)
+    return sums, samples
+
+
+def _score_pair(model: Any, pair: Any, loss_fn: Any, device: Any) -> tuple[dict[str, float], np.ndarray]:
+    """Fuse one whole ``ValPair`` (``pipeline.model.inference.fuse_padded``) and score it.
+
+    Returns:
+        ``(row, fused)``: ``val_loss``, ``val_<term>``, ``val_ssim``, ``val_qabf`` and the fused
+        luma as uint8 (H, W).
+    """
+    ir_t = _unit_tensor(pair.ir, device)
+    vi_t = _unit_tensor(pair.vi_y, device)
+    fused = fuse_padded(model, ir_t, vi_t).float()
+    weights = {k: torch.tensor([v], device=fused.device) for k, v in pair.weights.items()}
+    total, terms = loss_fn(fused, ir_t, vi_t, weights)
+    fused_u8 = (fused[0, 0].clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    row = {"val_loss": float(total), **{f"val_{k}": float(v) for k, v in terms.items()}}
+    row["val_ssim"] = metrics.ssim(pair.ir, pair.vi_y, fused_u8)
+    row["val_qabf"] = metrics.qabf(pair.ir, pair.vi_y, fused_u8)
+    return row, fused_u8
+
+
+def _unit_tensor(image: np.ndarray, device: Any) -> torch.Tensor:
+    """(H, W) uint8 -> (1, 1, H, W) float32 in [0, 1] on ``device``."""
+    return torch.from_numpy(image).to(device=device, dtype=torch.float32).div_(255.0)[None, None]

@@ -1,0 +1,308 @@
+"""The Ray Train worker: ``train_loop_per_worker`` and its pieces (resume, one epoch of training,
+one of validation, checkpoint and report), the DDP reductions and world rank 0's MLflow tracker.
+
+Every worker trains on its shard of the patch table (``prepare_model``: DDP over gloo on CPU,
+NCCL on GPU) and validates on its share of the whole validation pairs; the per-epoch metrics are
+summed over the workers. World rank 0 logs to MLflow (per step and per epoch) through
+``MlflowClient`` on a run created by the driver, so a restarted worker group keeps logging into
+the same run, and writes the checkpoints (``MODEL_FILE`` + ``STATE_FILE``).
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+
+from pipeline.common.mlflow_store import log_metrics_batched
+from pipeline.data.images import write_image
+from pipeline.model.network import build_model
+from pipeline.model.weights import load_model, save_checkpoint
+from pipeline.train.data import PatchCollate, load_val_pairs
+from pipeline.train.losses import FusionLoss
+from pipeline.train.runs import MODEL_FILE
+from pipeline.train.settings import VAL_METRICS, TrainSettings
+from pipeline.train.step import build_optimizer, build_scheduler, train_step, validate
+
+STATE_FILE = "train_state.pt"  # optimizer/scheduler/progress, beside the model in a checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP reductions (no-ops without a process group)
+def _all_reduce_sums(sums: dict[str, float], keys: list[str]) -> dict[str, float]:
+    """Sum ``sums[k]`` over all workers (missing keys count as 0); no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {k: float(sums.get(k, 0.0)) for k in keys}
+    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every worker, in rank order (``[obj]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sum_over_workers(sums: dict[str, float], count: float,
+                      always: tuple[str, ...] = ()) -> tuple[dict[str, float], float]:
+    """``(totals, total count)``: ``sums`` and ``count`` summed over all workers; ``totals`` has the
+    keys of any worker plus ``always`` (0 where a worker lacks one)."""
+    keys = sorted(set().union(*_gather_objects(sorted(sums))) | set(always))
+    return _all_reduce_sums(sums, keys), _all_reduce_sums({"n": count}, ["n"])["n"]
+
+
+# ----------------------------------------------------------------------------------------------
+# World rank 0's MLflow logger
+class _Tracker:
+    """World rank 0's MLflow logger: per-step and per-epoch metrics, tags, images (no-op elsewhere)."""
+
+    def __init__(self, uri: str | None, run_id: str | None, enabled: bool) -> None:
+        self.enabled = bool(enabled and uri and run_id)
+        self.run_id = run_id
+        if self.enabled:
+            self.client = MlflowClient(tracking_uri=uri)
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        if self.enabled:
+            log_metrics_batched(self.client, self.run_id, values, step)
+
+    def tag(self, key: str, value: Any) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def image(self, image: np.ndarray, artifact_file: str) -> None:
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            write_image(path, image)
+            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
+
+
+def _check_tracking_reachable(uri: str | None, driver_host: str) -> None:
+    """A local MLflow store (sqlite/file) only works for a rank 0 on the driver's host."""
+    if uri and uri.startswith(("sqlite:", "file:", "/")) and socket.gethostname() != driver_host:
+        raise ValueError(
+            f"MLflow store {uri} is local to the driver host {driver_host}, but world rank 0 runs on "
+            f"{socket.gethostname()}: set MLFLOW_TRACKING_URI to an MLflow server reachable from the cluster"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# One worker's training job
+@dataclass
+class _Job:
+    """What the epoch helpers share on one worker."""
+
+    settings: TrainSettings
+    config: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    model: Any  # DDP-wrapped when world > 1
+    net: torch.nn.Module  # the unwrapped network (validation, checkpoints)
+    loss_fn: FusionLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tracker: _Tracker
+    nodes: list[str]
+    start_epoch: int
+    global_step: int
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function (``TorchTrainer(train_loop_per_worker=...)``).
+
+    ``config`` keys: ``settings`` (``TrainSettings`` as a dict), ``model_name``, ``model_args``,
+    ``loss`` (the ``loss:`` section), ``val`` (kwargs of ``load_val_pairs``), ``steps_per_epoch``,
+    ``mlflow_uri``, ``mlflow_run_id``, ``driver_host``.
+    """
+    s = TrainSettings(**config["settings"])
+    job = _prepare_job(config, s)
+    pairs = _val_pairs(config, job.rank, job.world)
+    shard = ray.train.get_dataset_shard("train")
+    collate = PatchCollate(job.device, s.sample_weights)
+    for epoch in range(job.start_epoch, s.epochs + 1):
+        t0 = time.perf_counter()
+        epoch_metrics = train_epoch(job, shard, collate, epoch)
+        val_metrics, samples = validate_epoch(job, pairs)
+        epoch_metrics.update(val_metrics)
+        epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
+        epoch_metrics.update(epoch=epoch, global_step=job.global_step, num_nodes=len(set(job.nodes)),
+                             resumed_from_epoch=job.start_epoch - 1)
+        if job.rank == 0:
+            _log_epoch(job.tracker, epoch, epoch_metrics, samples)
+        checkpoint_and_report(job, epoch, epoch_metrics)
+
+
+def _prepare_job(config: dict[str, Any], s: TrainSettings) -> _Job:
+    """Seeds, model (restored from ``ray.train.get_checkpoint()`` if any, then ``prepare_model``),
+    loss, optimiser and schedule, MLflow tracker and the run's tags."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed)
+    device = ray.train.torch.get_device()
+    model = build_model(config["model_name"], **config["model_args"])
+    loss_fn = FusionLoss.from_params(config["loss"]).to(device)
+    checkpoint = ray.train.get_checkpoint()
+    state = _restore(checkpoint, model, s) if checkpoint is not None else None
+    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
+    optimizer = build_optimizer(model, s)
+    scheduler = build_scheduler(optimizer, s, int(config["steps_per_epoch"]) * s.epochs)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    start_epoch, global_step = (int(state["epoch"]) + 1, int(state["global_step"])) if state else (1, 0)
+    if rank == 0:
+        _check_tracking_reachable(config.get("mlflow_uri"), config.get("driver_host", ""))
+    tracker = _Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
+    nodes = _gather_objects(ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        tracker.tag("loss.vgg_source", loss_fn.vgg_source)
+        tracker.tag("train.worker_nodes", ",".join(nodes))
+        tracker.tag("train.world_size", world)
+        if checkpoint is not None:
+            tracker.tag(f"train.resumed_at_epoch_{start_epoch}", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    net = model.module if hasattr(model, "module") else model
+    return _Job(s, config, rank, world, device, model, net, loss_fn, optimizer, scheduler, tracker, nodes,
+                start_epoch, global_step)
+
+
+def _restore(checkpoint: Any, model: torch.nn.Module, s: TrainSettings) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model``; return its optimiser/scheduler/progress state.
+
+    Raises:
+        ValueError: the checkpoint already reached ``train.epochs`` (the driver checks this first;
+            a 0-epoch "resume" is never reported).
+    """
+    with checkpoint.as_directory() as ckpt_dir:
+        restored, _ = load_model(Path(ckpt_dir) / MODEL_FILE)
+        model.load_state_dict(restored.state_dict())
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    if int(state["epoch"]) + 1 > s.epochs:
+        raise ValueError(f"the restored checkpoint is at epoch {int(state['epoch'])}, train.epochs is {s.epochs}: "
+                         "nothing to train (raise train.epochs or choose a new train.run_name)")
+    return state
+
+
+def _val_pairs(config: dict[str, Any], rank: int, world: int) -> list[Any]:
+    """This worker's share of the whole validation pairs."""
+    pairs = load_val_pairs(**config["val"])
+    if not pairs:
+        raise ValueError(f"no validation pairs in {config['val']['split_json']} (the split needs val pairs)")
+    return pairs[rank::world]
+
+
+def train_epoch(job: _Job, shard: Any, collate: PatchCollate, epoch: int) -> dict[str, float]:
+    """One epoch of ``steps_per_epoch`` optimiser steps on this worker's shard (the same count on
+    every worker, as DDP needs); rank 0 logs ``train/*`` every ``log_every_steps`` steps.
+
+    Returns:
+        ``train_<key>`` means over all workers' steps, ``train_patches_per_s`` and ``lr``.
+    """
+    s, steps_per_epoch = job.settings, int(job.config["steps_per_epoch"])
+    bf16 = job.device.type == "cuda"
+    t0 = time.perf_counter()
+    sums: dict[str, float] = {}
+    steps = 0
+    batches = shard.iter_torch_batches(
+        batch_size=s.batch_size,
+        collate_fn=collate,
+        drop_last=True,
+        local_shuffle_buffer_size=s.shuffle_buffer or None,
+        local_shuffle_seed=(s.seed + epoch) if s.shuffle_buffer else None,
+    )
+    t_step = time.perf_counter()
+    for batch in batches:
+        if steps >= steps_per_epoch:  # equal step counts on every worker (DDP needs it)
+            break
+        out = train_step(job.model, batch, job.loss_fn, job.optimizer, job.scheduler, s.grad_clip, bf16)
+        steps += 1
+        job.global_step += 1
+        now = time.perf_counter()
+        out["patches_per_s"] = s.batch_size * job.world / max(now - t_step, 1e-9)
+        t_step = now
+        out["w_int_ir_mean"] = float(batch["int_ir"].mean())
+        out["w_det_ir_mean"] = float(batch["det_ir"].mean())
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if job.rank == 0 and (job.global_step % s.log_every_steps == 0 or steps == 1):
+            job.tracker.metrics({f"train/{k}": v for k, v in out.items()}, job.global_step)
+    if steps == 0:
+        raise ValueError("a training worker received no full batch: too few training patches for "
+                         f"train.batch_size={s.batch_size} x {job.world} workers")
+    train_time = time.perf_counter() - t0
+    totals, n_steps = _sum_over_workers(sums, steps)
+    out = {f"train_{k}": v / n_steps for k, v in totals.items() if k not in ("patches_per_s",)}
+    out["train_patches_per_s"] = n_steps * s.batch_size / train_time
+    out["lr"] = job.optimizer.param_groups[0]["lr"]
+    return out
+
+
+def validate_epoch(job: _Job, pairs: list[Any]) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
+    """Whole-image validation of this worker's pairs (``pipeline.train.step.validate``), averaged
+    over all workers' pairs.
+
+    Returns:
+        ``(metrics, samples)``: ``val_<key>`` means (``VAL_METRICS`` always present) and
+        ``val_time_s``; rank 0's ``train.val_samples`` fused images ``[(stem, image)]``.
+    """
+    t1 = time.perf_counter()
+    keep = job.settings.val_samples if job.rank == 0 else 0
+    vsums, samples = validate(job.net, pairs, job.loss_fn, job.device, keep=keep)
+    count = vsums.pop("count")
+    vtot, count = _sum_over_workers(vsums, count, always=VAL_METRICS)
+    out = {k: v / max(count, 1.0) for k, v in vtot.items()}
+    out["val_time_s"] = time.perf_counter() - t1
+    return out, samples
+
+
+def _log_epoch(tracker: _Tracker, epoch: int, epoch_metrics: Mapping[str, float],
+               samples: list[tuple[str, np.ndarray]]) -> None:
+    """Rank 0: the epoch's metrics as ``epoch/<key>`` at step ``epoch``, the fused samples as images."""
+    tracker.metrics({f"epoch/{k}": v for k, v in epoch_metrics.items() if k != "epoch"}, epoch)
+    for stem, image in samples:
+        tracker.image(image, f"val_samples/epoch_{epoch:03d}/{stem}.png")
+
+
+def checkpoint_and_report(job: _Job, epoch: int, epoch_metrics: dict[str, Any]) -> None:
+    """``ray.train.report`` on every worker, with a checkpoint (written by rank 0: the unwrapped
+    model as ``MODEL_FILE``, optimiser/scheduler/progress as ``STATE_FILE``) every
+    ``checkpoint_every`` epochs and at the last epoch."""
+    s = job.settings
+    report = {**epoch_metrics, "worker_nodes": ",".join(sorted(set(job.nodes)))}
+    if not (epoch % s.checkpoint_every == 0 or epoch == s.epochs):
+        ray.train.report(report)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if job.rank == 0:
+            save_checkpoint(Path(tmp) / MODEL_FILE, job.net, job.config["model_name"], job.config["model_args"],
+                            extra={"epoch": epoch, "global_step": job.global_step,
+                                   "mlflow_run_id": job.config.get("mlflow_run_id"),
+                                   **{k: epoch_metrics[k] for k in VAL_METRICS}})
+            torch.save({"epoch": epoch, "global_step": job.global_step,
+                        "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict()},
+                       Path(tmp) / STATE_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=ckpt)
