@@ -15,7 +15,9 @@ so ``mda evaluate`` on the written ``fused/<method>/`` folders gives the same nu
 
 Outputs (under ``out_dir``): ``per_image.csv`` (``method,name,<metrics>``), ``table.md`` (means
 per method, best value per metric in bold), ``grid.png`` (IR | visible | baselines | ours for a
-few pairs), ``fused/<method>/<name>.png``, ``test_set.json`` (the evaluated pairs and their digest,
+few pairs), ``fused/<method>/<name>.png``, ``report.html`` (offline page: means, per-pair thumbnails and
+metrics, sortable; ``pipeline.evaluate.report.write_visual_report``) with ``inputs/`` and the DVC
+image plots ``plots/<grid pair>/``, ``test_set.json`` (the evaluated pairs and their digest,
 which the ``promote`` stage uses to compare like with like); and the means per method as JSON (the
 DVC metrics file). The report folder is built beside ``out_dir`` and replaces it only when complete.
 """
@@ -43,7 +45,9 @@ from pipeline.common.ray_runtime import configure_data_context
 from pipeline.data.contracts import read_split
 from pipeline.data.images import find_pairs, merge_luma, read_pair, split_luma, write_image
 from pipeline.evaluate.metrics import METRICS, compute_all
-from pipeline.evaluate.report import image_grid, markdown_table, mean_per_method, means_for_json, write_per_image_csv
+from pipeline.evaluate.report import (
+    image_grid, markdown_table, mean_per_method, means_for_json, write_per_image_csv, write_visual_report,
+)
 from pipeline.model.inference import Fuser
 from pipeline.model.weights import load_model
 
@@ -403,6 +407,8 @@ def evaluate(
         grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
         if grid is not None:
             written["grid"] = write_image(tmp / "grid.png", grid)
+        written["report"] = write_visual_report(  # report.html, inputs/, plots/<grid pair>/ (DVC image plots)
+            tmp, rows, per_image, means, METRICS, skipped, plot_pairs=sorted(grid_names))
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
