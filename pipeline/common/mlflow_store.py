@@ -4,6 +4,14 @@ Default: a sqlite store ``mlflow.db`` in the repository root (git-ignored), arti
 ``mlartifacts/`` beside it. ``MLFLOW_TRACKING_URI`` (for example ``http://host:5000`` for a
 ``mlflow server``) overrides it; ``MLFLOW_REGISTRY_URI`` likewise for the Model Registry.
 Nothing is configured at import time: call ``configure_mlflow()``.
+
+A tracking server that is down fails fast and in one line: ``configure_mlflow`` (and the entry
+points, before any work, through ``require_tracking_store``) asks an ``http(s)`` server's
+``/health`` once per process with a short timeout (``MDA_MLFLOW_CHECK_TIMEOUT``, default 5 s) and
+raises ``MlflowUnavailable`` naming the URI. MLflow's own retry levers get fast defaults unless
+set: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1``,
+``MLFLOW_HTTP_REQUEST_TIMEOUT=60`` (MLflow's defaults, 7 retries with a factor of 2, retry an
+unreachable server for minutes).
 """
 
 from __future__ import annotations
@@ -15,6 +23,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DEFAULT_DB = "mlflow.db"
+#: Seconds the reachability check waits for the server (environment ``MDA_MLFLOW_CHECK_TIMEOUT``).
+CHECK_TIMEOUT_S = 5.0
+#: MLflow HTTP retry settings applied unless the environment sets them (fail in seconds, not minutes).
+FAST_FAIL_DEFAULTS: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+_REACHABLE: set[str] = set()
+
+
+class MlflowUnavailable(ConnectionError):
+    """The MLflow tracking server (or registry) could not be asked; the message names the URI."""
 
 
 def tracking_uri(root: str | Path | None = None) -> str:
@@ -40,7 +61,7 @@ def configure_mlflow(root: str | Path | None = None, experiment: str | None = No
     """
     import mlflow
 
-    uri = tracking_uri(root)
+    uri = require_tracking_store(root)
     mlflow.set_tracking_uri(uri)
     if os.environ.get("MLFLOW_REGISTRY_URI"):
         mlflow.set_registry_uri(os.environ["MLFLOW_REGISTRY_URI"])
@@ -50,6 +71,70 @@ def configure_mlflow(root: str | Path | None = None, experiment: str | None = No
             mlflow.create_experiment(experiment, artifact_location=(base / "mlartifacts").resolve().as_uri())
         mlflow.set_experiment(experiment)
     return uri
+
+
+def apply_fast_fail_defaults() -> None:
+    """Set MLflow's HTTP retry variables to :data:`FAST_FAIL_DEFAULTS` where the user did not."""
+    for key, value in FAST_FAIL_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def check_timeout() -> float:
+    """The reachability timeout in seconds (``MDA_MLFLOW_CHECK_TIMEOUT``, default 5)."""
+    raw = os.environ.get("MDA_MLFLOW_CHECK_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else CHECK_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"MDA_MLFLOW_CHECK_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"MDA_MLFLOW_CHECK_TIMEOUT must be > 0, got {raw!r}")
+    return value
+
+
+def require_tracking_store(root: str | Path | None = None) -> str:
+    """Check once per process that the tracking store in force can be asked; return its URI.
+
+    An ``http(s)`` server must answer ``GET /health`` within :func:`check_timeout` seconds; a
+    sqlite store needs its folder to exist. Applies :func:`apply_fast_fail_defaults` first.
+
+    Raises:
+        MlflowUnavailable: the server cannot be reached or the store's folder is missing
+            (one line naming the URI).
+    """
+    import urllib.error
+    import urllib.request
+
+    apply_fast_fail_defaults()
+    uri = tracking_uri(root)
+    if uri in _REACHABLE:
+        return uri
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise MlflowUnavailable(f"MLflow store {uri}: folder {folder} does not exist")
+    elif uri.startswith(("http://", "https://")):
+        timeout = check_timeout()
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (OSError, ValueError) as exc:  # refused, DNS, timeout (URLError and socket errors are OSErrors)
+            reason = getattr(exc, "reason", None) or exc
+            raise MlflowUnavailable(
+                f"MLflow tracking server {uri} is not reachable ({reason}; checked with a {timeout:g} s "
+                "timeout): start it or set MLFLOW_TRACKING_URI"
+            ) from None
+        if status >= 500:
+            raise MlflowUnavailable(f"MLflow tracking server {uri} answered /health with HTTP {status}")
+    _REACHABLE.add(uri)
+    return uri
+
+
+def unavailable(uri: str, action: str, exc: BaseException) -> MlflowUnavailable:
+    """A one-line ``MlflowUnavailable`` for an MLflow call that failed: ``<action>`` at ``<uri>``: first line of ``exc``."""
+    first = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0]
+    return MlflowUnavailable(f"MLflow at {uri}: could not {action}: {first[:300]}")
 
 
 #: Most metrics MLflow accepts in one ``log_batch`` call.

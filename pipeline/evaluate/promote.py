@@ -30,15 +30,18 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from pipeline.common.atomic_io import read_json_object, write_text_atomic
 from pipeline.common.config import ParamsError, param, read_settings, setting
+from pipeline.common.mlflow_store import MlflowUnavailable, unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -190,26 +193,66 @@ def read_test_set_digest(path: str | Path) -> str:
     return record["digest"]
 
 
-def find_version(client: Any, name: str, run_id: str, model_uri: str) -> Any | None:
-    """The version of ``name`` registered from ``model_uri`` of run ``run_id``, or ``None``."""
+def _abort(action: str, exc: BaseException) -> MlflowUnavailable:
+    """The one-line error of a registry call that failed: the promotion stops there."""
+    err = unavailable(mlflow.get_registry_uri(), action, exc)
+    return MlflowUnavailable(f"{err}; promotion aborted, aliases and versions untouched")
 
+
+def _registry_call(action: str, call: Callable[[], T]) -> T:
+    """Ask the registry; any failure aborts the promotion (``_abort``).
+
+    Used for every read, so that "could not ask" is never mistaken for "not there".
+    """
     try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException:
-        return None
+        return call()
+    except (MlflowException, OSError) as exc:
+        raise _abort(action, exc) from exc
+
+
+def find_version(client: Any, name: str, run_id: str, model_uri: str) -> Any | None:
+    """The version of ``name`` registered from ``model_uri`` of run ``run_id``, or ``None``.
+
+    Raises:
+        MlflowUnavailable: the registry could not be searched.
+    """
+    versions = _registry_call(
+        f"search the versions of '{name}'",
+        lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"),
+    )
     for v in sorted(versions, key=lambda v: int(v.version)):
         if (v.tags or {}).get(TAG_SOURCE) == model_uri or v.source == model_uri:
             return v
     return None
 
 
-def champion_version(client: Any, name: str) -> Any | None:
-    """The version holding the ``champion`` alias, or ``None``."""
-
+def _registered_model(client: Any, name: str) -> Any | None:
+    """The registered model ``name``, or ``None`` when the registry says it does not exist."""
+    action = f"read the registered model '{name}'"
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise _abort(action, exc) from exc
+    except OSError as exc:
+        raise _abort(action, exc) from exc
+
+
+def champion_version(client: Any, name: str) -> Any | None:
+    """The version holding the ``champion`` alias, or ``None`` (no such model, or no alias).
+
+    Only ``RESOURCE_DOES_NOT_EXIST`` for the model means "no champion"; a failed read raises.
+
+    Raises:
+        MlflowUnavailable: the registry could not be asked.
+    """
+    model = _registered_model(client, name)
+    number = (getattr(model, "aliases", None) or {}).get(CHAMPION) if model is not None else None
+    if number is None:
         return None
+    return _registry_call(f"read version {number} of '{name}' (@{CHAMPION})",
+                          lambda: client.get_model_version(name, str(number)))
 
 
 def version_metrics(version: Any) -> dict[str, float]:
@@ -224,6 +267,69 @@ def version_metrics(version: Any) -> dict[str, float]:
     return out
 
 
+def _checked_inputs(train_info: Mapping[str, Any], eval_means: Mapping[str, Mapping[str, float]],
+                    cfg: PromoteConfig) -> tuple[str, str]:
+    """``(run_id, model_uri)`` of the training summary, after checking every input of ``promote``."""
+    run_id, model_uri = str(train_info.get("run_id") or ""), str(train_info.get("model_uri") or "")
+    if not run_id or not model_uri:
+        raise ValueError("training summary lacks 'run_id' or 'model_uri'")
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise ValueError(f"training summary: 'run_id' {run_id!r} is not an MLflow run id")
+    if not MODEL_NAME_RE.fullmatch(cfg.model_name):
+        raise ValueError(f"promote.model_name {cfg.model_name!r}: only letters, digits, '.', '_' and '-' are allowed")
+    for metric in cfg.compared_metrics():
+        if metric not in eval_means[OURS]:
+            raise ValueError(f"metric '{metric}' (promote.primary/gates) is not in the evaluation means {sorted(eval_means[OURS])}")
+    return run_id, model_uri
+
+
+def _judge(ours: Mapping[str, float], eval_means: Mapping[str, Mapping[str, float]], cfg: PromoteConfig,
+           champ: Any | None, vnum: str | None, test_set: str | None) -> tuple[bool, list[str], str, dict[str, float]]:
+    """``(passed, reasons, reference name, reference means)`` against the champion or the baseline."""
+    if champ is not None and vnum is not None and str(champ.version) == vnum:
+        return True, ["already the champion"], f"version {vnum}", dict(ours)
+    if champ is not None and (champ.tags or {}).get(TAG_TEST_SET) == test_set:
+        ref_name, reference = f"champion v{champ.version}", version_metrics(champ)
+        return (*compare(ours, reference, cfg, ref_name), ref_name, reference)
+    if cfg.baseline not in eval_means:
+        raise ValueError(f"no comparable champion and no '{cfg.baseline}' baseline in the evaluation means (promote.baseline)")
+    ref_name, reference = f"baseline {cfg.baseline}", _finite(eval_means[cfg.baseline])
+    passed, reasons = compare(ours, reference, cfg, ref_name)
+    if champ is None:
+        reasons.insert(0, "no champion yet: compared with the pixel baseline")
+    else:
+        theirs = (champ.tags or {}).get(TAG_TEST_SET) or "none recorded"
+        reasons.insert(
+            0,
+            f"champion v{champ.version} was evaluated on another test set (digest {theirs[:12]} vs "
+            f"{(test_set or 'none')[:12]}): not comparable, compared with the {cfg.baseline} baseline of this evaluation",
+        )
+    return passed, reasons, ref_name, reference
+
+
+def _register(model_uri: str, name: str, run_id: str, ours: Mapping[str, float], test_set: str | None) -> str:
+    """Register ``model_uri`` as a new version of ``name`` with its means as tags; returns the version."""
+    tags = {f"{EVAL_TAG_PREFIX}{m}": f"{v:.6f}" for m, v in ours.items()}
+    tags.update({TAG_SOURCE: model_uri, TAG_RUN: run_id})
+    if test_set:
+        tags[TAG_TEST_SET] = test_set
+    try:
+        return str(mlflow.register_model(model_uri, name, tags=tags).version)
+    except MlflowException as exc:
+        first = (exc.message.strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot register {model_uri} as '{name}': {first}") from exc
+
+
+def _record(client: Any, name: str, vnum: str, decision: str, reasons: list[str], ref_name: str) -> None:
+    """Move the alias ``decision`` to version ``vnum``, then tag the version with why."""
+    def write() -> None:
+        client.set_registered_model_alias(name, decision, vnum)
+        for key, value in ((TAG_DECISION, decision), (TAG_REASONS, "; ".join(reasons)), (TAG_COMPARED, ref_name)):
+            client.set_model_version_tag(name, vnum, key, value)
+
+    _registry_call(f"record the decision for version {vnum} of '{name}'", write)
+
+
 def promote(
     train_info: Mapping[str, Any],
     eval_means: Mapping[str, Mapping[str, float]],
@@ -233,6 +339,9 @@ def promote(
     """Register the trained model and decide ``champion`` / ``challenger`` (see module docstring).
 
     Uses the MLflow store configured in this process (``pipeline.common.mlflow_store.configure_mlflow``).
+    Every registry read happens before the first write, and a read that fails (anything but
+    "does not exist") raises, so a registry that cannot be asked never moves an alias or adds a
+    version.
 
     Args:
         train_info: ``models/train.json`` (``run_id``, ``model_uri``).
@@ -244,23 +353,16 @@ def promote(
 
     Returns:
         The decision (``created`` is False when the version already existed and was decided).
+
+    Raises:
+        ValueError: bad inputs, or the model cannot be registered. MlflowUnavailable: the
+            registry could not be asked (nothing was changed if it failed during the reads).
     """
     from mlflow.tracking import MlflowClient
 
-    run_id, model_uri = str(train_info.get("run_id") or ""), str(train_info.get("model_uri") or "")
-    if not run_id or not model_uri:
-        raise ValueError("training summary lacks 'run_id' or 'model_uri'")
-    if not RUN_ID_RE.fullmatch(run_id):
-        raise ValueError(f"training summary: 'run_id' {run_id!r} is not an MLflow run id")
-    if not MODEL_NAME_RE.fullmatch(cfg.model_name):
-        raise ValueError(f"promote.model_name {cfg.model_name!r}: only letters, digits, '.', '_' and '-' are allowed")
-    for metric in cfg.compared_metrics():
-        if metric not in eval_means[OURS]:
-            raise ValueError(f"metric '{metric}' (promote.primary/gates) is not in the evaluation means {sorted(eval_means[OURS])}")
+    run_id, model_uri = _checked_inputs(train_info, eval_means, cfg)
     ours = _finite(eval_means[OURS])
-
-    client = MlflowClient()
-    name = cfg.model_name
+    client, name = MlflowClient(), cfg.model_name
     existing = find_version(client, name, run_id, model_uri)
     if existing is not None and (existing.tags or {}).get(TAG_DECISION):
         tags = existing.tags
@@ -269,48 +371,15 @@ def promote(
             name, str(existing.version), tags[TAG_DECISION], tags.get(TAG_REASONS, "").split("; "),
             tags.get(TAG_COMPARED, ""), run_id, model_uri, version_metrics(existing), {}, created=False,
         )
-    created = existing is None
-    if created:
-        tags = {f"{EVAL_TAG_PREFIX}{m}": f"{v:.6f}" for m, v in ours.items()}
-        tags.update({TAG_SOURCE: model_uri, TAG_RUN: run_id})
-        if test_set:
-            tags[TAG_TEST_SET] = test_set
-        try:
-            version = mlflow.register_model(model_uri, name, tags=tags)
-        except MlflowException as exc:
-            raise ValueError(f"cannot register {model_uri} as '{name}': {exc.message}") from exc
-    else:
-        version = existing
-    vnum = str(version.version)
-
     champ = champion_version(client, name)
-    if champ is not None and str(champ.version) == vnum:
-        passed, reasons, ref_name, reference = True, ["already the champion"], f"version {vnum}", ours
-    elif champ is not None and (champ.tags or {}).get(TAG_TEST_SET) == test_set:
-        ref_name, reference = f"champion v{champ.version}", version_metrics(champ)
-        passed, reasons = compare(ours, reference, cfg, ref_name)
-    else:
-        if cfg.baseline not in eval_means:
-            raise ValueError(f"no comparable champion and no '{cfg.baseline}' baseline in the evaluation means (promote.baseline)")
-        ref_name, reference = f"baseline {cfg.baseline}", _finite(eval_means[cfg.baseline])
-        passed, reasons = compare(ours, reference, cfg, ref_name)
-        if champ is None:
-            reasons.insert(0, "no champion yet: compared with the pixel baseline")
-        else:
-            theirs = (champ.tags or {}).get(TAG_TEST_SET) or "none recorded"
-            reasons.insert(
-                0,
-                f"champion v{champ.version} was evaluated on another test set (digest {theirs[:12]} vs "
-                f"{(test_set or 'none')[:12]}): not comparable, compared with the {cfg.baseline} baseline of this evaluation",
-            )
-
+    vnum = None if existing is None else str(existing.version)
+    passed, reasons, ref_name, reference = _judge(ours, eval_means, cfg, champ, vnum, test_set)
+    if vnum is None:
+        vnum = _register(model_uri, name, run_id, ours, test_set)
     decision = CHAMPION if passed else CHALLENGER
-    client.set_registered_model_alias(name, decision, vnum)
-    client.set_model_version_tag(name, vnum, TAG_DECISION, decision)
-    client.set_model_version_tag(name, vnum, TAG_REASONS, "; ".join(reasons))
-    client.set_model_version_tag(name, vnum, TAG_COMPARED, ref_name)
+    _record(client, name, vnum, decision, reasons, ref_name)
     log.info("%s version %s -> @%s (%s)", name, vnum, decision, "; ".join(reasons))
-    return Decision(name, vnum, decision, reasons, ref_name, run_id, model_uri, ours, reference, created=created)
+    return Decision(name, vnum, decision, reasons, ref_name, run_id, model_uri, ours, reference, created=existing is None)
 
 
 def _finite(means: Mapping[str, Any]) -> dict[str, float]:

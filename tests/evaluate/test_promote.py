@@ -21,6 +21,7 @@ from pipeline.evaluate.promote import (
     promote,
 )
 
+EXPERIMENT = "test-promotion"
 CFG = PromoteConfig(model_name="unused", primary="VIF", gates={"Qabf": 0.01, "SSIM": 0.02})
 
 
@@ -186,6 +187,104 @@ def test_missing_model_uri_is_a_clear_error(mlflow_store, logged_models):
         promote({"run_id": "x"}, _eval(_means(0.6, 0.4, 1.25)), _cfg("broken"))
 
 
+# ------------------------------------------------------------------------------ failed reads
+
+
+def _two_versions(name: str, logged_models) -> None:
+    """v1 (logged_models[0]) is the champion, v2 (logged_models[1], worse) the challenger."""
+    assert promote(logged_models[0], _eval(_means(0.80, 0.60, 1.40)), _cfg(name)).decision == CHAMPION
+    assert promote(logged_models[1], _eval(_means(0.60, 0.40, 1.25)), _cfg(name)).decision == CHALLENGER
+
+
+def _versions(name: str, client=None) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
+@pytest.mark.parametrize("method", ["search_model_versions", "get_registered_model", "get_model_version"])
+def test_a_failed_registry_read_aborts_and_moves_nothing(mlflow_store, logged_models, monkeypatch, method):
+    """Issue 13: a read that fails is "could not ask", never "not found": no v3, no new champion."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from pipeline.common.mlflow_store import MlflowUnavailable
+
+    name = f"outage-{method.replace('_', '-')}"
+    _two_versions(name, logged_models)
+
+    def refuse(self, *args, **kwargs):
+        raise MlflowException("API request failed: Connection refused\n(details)", TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(MlflowClient, method, refuse)
+    # a new run that beats the pixel baseline but not the champion (before: registered as v3 and
+    # made champion, "no champion yet: compared with the pixel baseline")
+    with pytest.raises(MlflowUnavailable, match="promotion aborted, aliases and versions untouched") as err:
+        promote(logged_models[2], _eval(_means(0.70, 0.50, 1.30)), _cfg(name))
+    assert "\n" not in str(err.value) and "Connection refused" in str(err.value)
+    monkeypatch.undo()
+    assert _versions(name) == ["1", "2"]
+    assert _aliases(name) == {CHAMPION: "1", CHALLENGER: "2"}
+
+
+def test_only_resource_does_not_exist_means_no_champion(mlflow_store, logged_models, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+    from pipeline.common.mlflow_store import MlflowUnavailable
+    from pipeline.evaluate.promote import champion_version
+
+    client = MlflowClient()
+    assert champion_version(client, "never-registered") is None  # RESOURCE_DOES_NOT_EXIST
+    _two_versions("only-rdne", logged_models)
+    assert str(champion_version(client, "only-rdne").version) == "1"
+    monkeypatch.setattr(MlflowClient, "get_registered_model",
+                        lambda self, name: (_ for _ in ()).throw(MlflowException("db locked", INTERNAL_ERROR)))
+    with pytest.raises(MlflowUnavailable, match="could not read the registered model 'only-rdne': db locked"):
+        champion_version(client, "only-rdne")
+
+
+@pytest.mark.slow
+def test_mlflow_server_stopped_mid_promotion_moves_nothing(tmp_path, logged_models, monkeypatch):
+    """A real ``mlflow server`` stops after the first read of ``promote``: one line, nothing moved."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow_fixtures import MlflowServer
+
+    import pipeline.evaluate.promote as promote_mod
+    from pipeline.common.mlflow_store import MlflowUnavailable
+
+    server = MlflowServer(tmp_path / "server")
+    previous = mlflow.get_tracking_uri()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mlflow.set_tracking_uri(server.url)
+        mlflow.set_experiment("promotion-outage")
+        models = [log_test_model(tmp_path / f"m{i}", seed=i) for i in range(3)]
+        _two_versions("served", models)
+        original = promote_mod.champion_version
+
+        def stop_then_read(client, name):
+            server.stop()  # after find_version succeeded, before the champion is read
+            return original(client, name)
+
+        monkeypatch.setattr(promote_mod, "champion_version", stop_then_read)
+        with pytest.raises(MlflowUnavailable) as err:
+            promote(models[2], _eval(_means(0.70, 0.50, 1.30)), _cfg("served"))
+        assert server.url in str(err.value) and "\n" not in str(err.value)
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_experiment(EXPERIMENT)
+    stored = MlflowClient(tracking_uri=server.sqlite_uri, registry_uri=server.sqlite_uri)
+    assert _versions("served", stored) == ["1", "2"]
+    assert {k: str(v) for k, v in stored.get_registered_model("served").aliases.items()} == {CHAMPION: "1", CHALLENGER: "2"}
+
+
 # ------------------------------------------------------------------------------------ fixtures
 
 
@@ -200,7 +299,7 @@ def mlflow_store(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     previous = mlflow.get_tracking_uri()
-    configure_mlflow(root, experiment="test-promotion")
+    configure_mlflow(root, experiment=EXPERIMENT)
     yield root
     mp.undo()
     mlflow.set_tracking_uri(previous)
