@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--height", type=int, default=d.height, help=f"image height in pixels (default: {d.height})")
     parser.add_argument("--width", type=int, default=d.width, help=f"image width in pixels (default: {d.width})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, outputs={"out": "dir"})
     return parser
 
 

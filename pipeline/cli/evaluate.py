@@ -17,8 +17,11 @@ SSIM, CC, PSNR. Images are read as gray (OpenCV BGR->gray). Writes one CSV row p
 EPILOG = """\
 Fused images that cannot be scored (no IR or visible image with the same stem, unreadable file,
 size different from the sources) are listed on stderr with the reason; the other images are still
-scored and written. Exit status: 0 when every fused image was scored, 1 when at least one was not
-(or on bad arguments), so scripts notice incomplete results.
+scored and written. Source pairs (IR and visible of the same stem) without a fused image are
+listed by name too: means over fewer images than the test set are not the test set's means.
+Exit status: 0 when every fused image was scored and every source pair had one, 1 otherwise (or on
+bad arguments), so scripts notice incomplete results; --allow-missing accepts pairs without a fused
+image (their count is still printed).
 
 example: mda evaluate --ir data/TNO/ir --vi data/TNO/vi --fused out/ours -o ours.csv"""
 
@@ -37,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--fused", required=True, type=Path, metavar="DIR", help="fused images to score")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE.csv", help="per-image CSV to write")
     parser.add_argument(
+        "--allow-missing", action="store_true",
+        help="exit 0 even when some source pairs have no fused image (their count is printed)",
+    )
+    parser.add_argument(
         "--no-ray", action="store_true", help="score in a plain loop in this process instead of through Ray Data"
     )
     parser.add_argument(
@@ -45,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="ADDR",
         help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray for the duration of the command)",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, outputs={"output": "file"})
     return parser
 
 
@@ -60,15 +67,35 @@ def format_means(df: "pandas.DataFrame") -> str:  # noqa: F821
     return "\n".join(lines)
 
 
+def missing_fused(ir_dir: Path, vi_dir: Path, fused_dir: Path) -> list[str]:
+    """Stems of the source pairs (IR and visible of the same stem) that have no fused image."""
+    from pipeline.data.images import find_pairs, list_images
+
+    pairs, _ = find_pairs(ir_dir, vi_dir)
+    fused = list_images(fused_dir)
+    return [p.stem for p in pairs if p.stem not in fused]
+
+
+def report_missing(missing: list[str], fused_dir: Path, allowed: bool) -> bool:
+    """Print the source pairs without a fused image; returns True when that fails the run."""
+    if not missing:
+        return False
+    if allowed:
+        print(f"{len(missing)} source pair(s) have no fused image in {fused_dir} (--allow-missing)", file=sys.stderr)
+        return False
+    print(f"no fused image in {fused_dir} for {len(missing)} source pair(s) (--allow-missing to accept): "
+          + ", ".join(missing), file=sys.stderr)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
-    """Score the folder, write the CSV atomically, print the means and what was skipped."""
+    """Score the folder, write the CSV atomically, print the means and what was skipped or missing."""
     from pipeline.common.atomic_io import write_text_atomic
     from pipeline.evaluate.score import evaluate_folder
 
     if args.output.suffix.lower() != ".csv":
         raise ValueError(f"--output {args.output}: expected a .csv file name")
-    if args.output.is_dir():
-        raise ValueError(f"--output {args.output}: is a folder, expected a .csv file name")
+    missing = missing_fused(args.ir, args.vi, args.fused)
     df = evaluate_folder(
         args.ir, args.vi, args.fused, parallel=not args.no_ray, progress=True, address=args.ray_address
     )
@@ -84,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"no image of {args.fused} could be scored; {args.output} not written", file=sys.stderr)
 
+    failed = report_missing(missing, args.fused, args.allow_missing)
     if skipped:
         print(f"not scored ({len(skipped)} of {len(df) + len(skipped)}):", file=sys.stderr)
         for item in skipped:
             print(f"  {item['reason']}", file=sys.stderr)
-        return 1
-    return 0
+        failed = True
+    return 1 if failed else 0

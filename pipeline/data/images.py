@@ -17,6 +17,8 @@ Conventions used everywhere in the project:
 
 from __future__ import annotations
 
+import errno
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,46 +52,99 @@ class Pair:
     vi: Path
 
 
+def _unusable(path: Path) -> str | None:
+    """Why a directory entry with an image suffix cannot be read as a file, or ``None`` if it can."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"unreadable: {path}: symbolic link loop"
+        if path.is_symlink():
+            return f"unreadable: {path}: dangling symbolic link"
+        return f"unreadable: {path}: {exc.strerror or exc}"
+    return None if stat.S_ISREG(st.st_mode) else "not a file"
+
+
+def scan_images(folder: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The image files directly inside ``folder`` and the stems that cannot be used.
+
+    Returns:
+        ``(images, rejected)``: stem -> path of each usable image (sorted by stem), and stem ->
+        reason (``"duplicate_stem: ..."`` when two files share the stem, ``"unreadable: ..."`` for a
+        symbolic link loop or a dangling link), naming the files. Folders and other non-files with
+        an image suffix are ignored.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    found: dict[str, list[Path]] = {}
+    rejected: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        problem = _unusable(path)
+        if problem == "not a file":
+            continue
+        if problem is not None:
+            rejected[path.stem] = problem
+        found.setdefault(path.stem, []).append(path)
+    images: dict[str, Path] = {}
+    for stem, paths in found.items():
+        if len(paths) > 1:
+            rejected[stem] = (f"duplicate_stem: {folder}: {len(paths)} images share the stem '{stem}': "
+                              + " and ".join(p.name for p in paths))
+        elif stem not in rejected:
+            images[stem] = paths[0]
+    return dict(sorted(images.items())), dict(sorted(rejected.items()))
+
+
 def list_images(folder: str | Path) -> dict[str, Path]:
     """Map stem -> path for the image files directly inside ``folder`` (sorted by stem).
 
     Raises:
         FileNotFoundError: the folder does not exist.
-        ValueError: two files share a stem (``a.png`` and ``a.jpg``), which makes pairing ambiguous.
+        ValueError: a stem cannot be used (two files share it, which makes pairing ambiguous, or
+            a symbolic link loop); ``find_pairs`` rejects such stems one by one instead.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            if path.stem in found:
-                raise ValueError(
-                    f"{folder}: two images share the stem '{path.stem}': "
-                    f"{found[path.stem].name} and {path.name}"
-                )
-            found[path.stem] = path
-    return dict(sorted(found.items()))
+    images, rejected = scan_images(folder)
+    if rejected:
+        raise ValueError(next(iter(rejected.values())))
+    return images
 
 
 def find_pairs(ir_dir: str | Path, vi_dir: str | Path) -> tuple[list[Pair], list[tuple[str, str]]]:
     """Pair the images of ``ir_dir`` and ``vi_dir`` by file stem.
 
+    A stem that cannot be used on one side (``scan_images``: duplicate stem, unreadable link) is
+    rejected alone: its files on both sides are reported with that reason, the other pairs are kept.
+
     Returns:
-        ``(pairs, unmatched)``: the pairs sorted by stem, and ``(path, reason)`` for every file
-        whose partner is missing.
+        ``(pairs, unmatched)``: the pairs sorted by stem, and ``(path, reason)`` for every file not
+        paired, the reason starting with its kind (``missing_partner:``, ``duplicate_stem:``,
+        ``unreadable:``).
 
     Raises:
         FileNotFoundError: a folder is missing.
         ValueError: both folders hold no image at all.
     """
-    ir = list_images(ir_dir)
-    vi = list_images(vi_dir)
-    if not ir and not vi:
+    ir, ir_bad = scan_images(ir_dir)
+    vi, vi_bad = scan_images(vi_dir)
+    if not ir and not vi and not ir_bad and not vi_bad:
         raise ValueError(f"no images found in {ir_dir} or {vi_dir} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    unmatched: list[tuple[str, str]] = []
+    for folder, bad in ((ir_dir, ir_bad), (vi_dir, vi_bad)):
+        unmatched += [(str(Path(folder) / stem), reason) for stem, reason in bad.items()]
+    bad_stems = set(ir_bad) | set(vi_bad)
+    for images in (ir, vi):
+        unmatched += [(str(p), (ir_bad.get(s) or vi_bad[s]) + " (its partner)") for s, p in images.items() if s in bad_stems]
+    ir = {s: p for s, p in ir.items() if s not in bad_stems}
+    vi = {s: p for s, p in vi.items() if s not in bad_stems}
     pairs = [Pair(stem, ir[stem], vi[stem]) for stem in ir if stem in vi]
-    unmatched = [(str(p), f"missing visible partner '{s}.*' in {vi_dir}") for s, p in ir.items() if s not in vi]
-    unmatched += [(str(p), f"missing IR partner '{s}.*' in {ir_dir}") for s, p in vi.items() if s not in ir]
+    unmatched += [(str(p), f"missing_partner: missing visible partner '{s}.*' in {vi_dir}") for s, p in ir.items() if s not in vi]
+    unmatched += [(str(p), f"missing_partner: missing IR partner '{s}.*' in {ir_dir}") for s, p in vi.items() if s not in ir]
     return pairs, unmatched
 
 

@@ -413,7 +413,7 @@ def register_dataset(
         p = Path(path)
         is_ir = p.parent.resolve() == Path(ir_dir).resolve()
         row = _empty_row(p.stem, str(p) if is_ir else None, None if is_ir else str(p))
-        row["reason"] = f"missing_partner: {reason}"
+        row["reason"] = reason  # find_pairs: "missing_partner: ...", "duplicate_stem: ...", "unreadable: ..."
         rows.append(row)
 
     staging = staging_dir(out)

@@ -56,7 +56,7 @@ def test_scores_reference_images_in_a_plain_loop(sdnet_subset: Path, tmp_path: P
     tno = shared_dataset("TNO")
     out = tmp_path / "scores.csv"
     rc = main(["evaluate", "--ir", str(tno / "ir"), "--vi", str(tno / "vi"), "--fused", str(sdnet_subset),
-               "-o", str(out), "--no-ray"])
+               "-o", str(out), "--no-ray", "--allow-missing"])  # 3 of TNO's pairs
     assert rc == 0
     rows = _read_csv(out)
     assert [r["name"] for r in rows] == list(NAMES)
@@ -148,3 +148,34 @@ def test_help_documents_the_exit_status(capsys) -> None:
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--no-ray" in text and "Exit status" in text and "name,EN,...,PSNR" in text
+
+
+def test_source_pairs_without_a_fused_image_are_named(tmp_path: Path, capsys) -> None:
+    """Issue 13: means over fewer images than the sources used to exit 0 silently."""
+    ir_dir, vi_dir, fused_dir = _synthetic_folders(tmp_path, n=4)
+    for stem in ("s1", "s3"):
+        (fused_dir / f"{stem}.png").unlink()
+    args = ["evaluate", "--ir", str(ir_dir), "--vi", str(vi_dir), "--fused", str(fused_dir),
+            "-o", str(tmp_path / "s.csv"), "--no-ray"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "for 2 source pair(s) (--allow-missing to accept): s1, s3" in err
+    assert [r["name"] for r in _read_csv(tmp_path / "s.csv")] == ["s0", "s2"]
+    assert main([*args, "--allow-missing"]) == 0
+    out = capsys.readouterr()
+    assert "2 source pair(s) have no fused image" in out.err and "means over 2 image(s)" in out.out
+
+
+@pytest.mark.parametrize("where", ["under_file", "folder"])
+def test_unusable_output_fails_before_scoring_in_one_line(tmp_path: Path, capsys, where) -> None:
+    ir_dir, vi_dir, fused_dir = _synthetic_folders(tmp_path, n=1)
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "dir.csv").mkdir()
+    out = {"under_file": tmp_path / "plain" / "s.csv", "folder": tmp_path / "dir.csv"}[where]
+    # --fused does not exist: only a check made before reading any image reports the output first
+    args = ["evaluate", "--ir", str(ir_dir), "--vi", str(vi_dir), "--fused", str(tmp_path / "nope"), "-o", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mda evaluate: error: --output {out}:")
+    with pytest.raises(ValueError):  # --debug: the exception itself, with its traceback
+        main(["--debug", *args])

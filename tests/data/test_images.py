@@ -97,3 +97,32 @@ def test_real_files_follow_conventions():
 def test_write_image_is_atomic_and_leaves_no_temp(tmp_path):
     write_image(tmp_path / "x/y.png", np.ones((3, 3), np.uint8))
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["y.png"]
+
+
+def test_duplicate_stem_rejects_that_pair_only(tmp_path):
+    """Issue 13: a.png and a.jpg in ir/ used to abort the whole pairing."""
+    img = np.zeros((4, 4), np.uint8)
+    for name in ("ir/a.png", "ir/a.jpg", "ir/b.png", "vi/a.png", "vi/b.png"):
+        write_image(tmp_path / name, img)
+    pairs, unmatched = find_pairs(tmp_path / "ir", tmp_path / "vi")
+    assert [p.stem for p in pairs] == ["b"]
+    reasons = dict(unmatched)
+    assert reasons[str(tmp_path / "ir" / "a")].startswith("duplicate_stem:")
+    assert "a.jpg and a.png" in reasons[str(tmp_path / "ir" / "a")]
+    assert reasons[str(tmp_path / "vi" / "a.png")].endswith("(its partner)")
+
+
+def test_symlink_loop_is_unreadable_not_a_missing_partner(tmp_path):
+    img = np.zeros((4, 4), np.uint8)
+    for name in ("ir/b.png", "vi/a.png", "vi/b.png"):
+        write_image(tmp_path / name, img)
+    (tmp_path / "ir" / "a.png").symlink_to(tmp_path / "ir" / "a.png")  # loops on itself
+    (tmp_path / "ir" / "c.png").symlink_to(tmp_path / "nowhere.png")
+    pairs, unmatched = find_pairs(tmp_path / "ir", tmp_path / "vi")
+    assert [p.stem for p in pairs] == ["b"]
+    reasons = dict(unmatched)
+    assert reasons[str(tmp_path / "ir" / "a")] == f"unreadable: {tmp_path / 'ir' / 'a.png'}: symbolic link loop"
+    assert "dangling symbolic link" in reasons[str(tmp_path / "ir" / "c")]
+    assert not any(r.startswith("missing_partner") for r in reasons.values())
+    with pytest.raises(ValueError, match="symbolic link loop"):
+        list_images(tmp_path / "ir")
