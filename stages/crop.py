@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
     return run_stage("crop", __doc__, run,
                      Arg("--registered", "registered folder (ir/, vi/, manifest.parquet)"),
-                     Arg("--out", "patch folder (part-*.parquet, split.json)"), ray=True, argv=argv)
+                     Arg("--out", "patch folder (part-*.parquet, split.json)", output="staged-dir"), ray=True, argv=argv)
 
 
 if __name__ == "__main__":

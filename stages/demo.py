@@ -24,7 +24,7 @@ def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
-    return run_stage("demo", __doc__, run, Arg("--out", "output folder (ir/ and vi/ are written in it)"), argv=argv)
+    return run_stage("demo", __doc__, run, Arg("--out", "output folder (ir/ and vi/ are written in it)", output="dir"), argv=argv)
 
 
 if __name__ == "__main__":

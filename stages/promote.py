@@ -7,41 +7,37 @@ Usage: ``python stages/promote.py --params params.yaml --train-info models/train
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from typing import Any, Mapping
 
-from pipeline.common.config import load_params, section
+from pipeline.common.config import section
+from pipeline.common.mlflow_store import configure_mlflow
+from pipeline.common.stage import Arg, run_stage
+from pipeline.evaluate.promote import PromoteConfig, promote, read_eval_means, read_test_set_digest, write_decision
+from pipeline.train.runs import read_train_info
+
+
+def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
+    """The stage's work; returns its summary."""
+    cfg = PromoteConfig.from_params(section(params, "promote"))
+    info = read_train_info(args.train_info)
+    means = read_eval_means(args.eval_metrics)
+    configure_mlflow()
+    digest = read_test_set_digest(args.eval_test_set) if args.eval_test_set else None
+    decision = promote(info, means, cfg, test_set=digest)
+    write_decision(args.out, decision)
+    lines = [f"promote: {cfg.model_name} version {decision.version} -> @{decision.decision}"]
+    return "\n".join(lines + [f"  {reason}" for reason in decision.reasons])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameter file")
-    parser.add_argument("--train-info", required=True, help="models/train.json of the train stage")
-    parser.add_argument("--eval-metrics", required=True, help="metrics/eval.json of the evaluate stage")
-    parser.add_argument("--eval-test-set", default=None,
-                        help="eval/test_set.json of the evaluate stage (the champion is compared only on the same test set)")
-    parser.add_argument("--out", required=True, help="JSON file for the decision")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from pipeline.evaluate.promote import PromoteConfig, promote, read_eval_means, read_test_set_digest, write_decision
-        from pipeline.train.runs import read_train_info
-        from pipeline.common.mlflow_store import configure_mlflow
-
-        cfg = PromoteConfig.from_params(section(load_params(args.params), "promote"))
-        info = read_train_info(args.train_info)
-        means = read_eval_means(args.eval_metrics)
-        configure_mlflow()
-        digest = read_test_set_digest(args.eval_test_set) if args.eval_test_set else None
-        decision = promote(info, means, cfg, test_set=digest)
-        write_decision(args.out, decision)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"promote: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"promote: {cfg.model_name} version {decision.version} -> @{decision.decision}")
-    for reason in decision.reasons:
-        print(f"  {reason}")
-    return 0
+    """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
+    return run_stage("promote", __doc__, run,
+                     Arg("--train-info", "models/train.json of the train stage"),
+                     Arg("--eval-metrics", "metrics/eval.json of the evaluate stage"),
+                     Arg("--eval-test-set", "eval/test_set.json of the evaluate stage (the champion is "
+                         "compared only on the same test set)", {"default": None}),
+                     Arg("--out", "JSON file for the decision", output="file"), mlflow=True, argv=argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
     return run_stage("register", __doc__, run,
                      Arg("--raw", "raw data folder (default: register.raw_dir)", {"default": None}),
-                     Arg("--out", "output folder"),
+                     Arg("--out", "output folder", output="staged-dir"),
                      Arg("--no-progress", "no progress bar", {"action": "store_true"}), ray=True, argv=argv)
 
 

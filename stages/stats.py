@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage("stats", __doc__, run,
                      Arg("--patches", "patch folder written by the crop stage"),
                      Arg("--registered", "registered folder (whole images)"),
-                     Arg("--out", "stats folder (patches/, images.parquet, normalisation.json)"),
-                     Arg("--metrics", "JSON metrics file (spread of the weights)"),
-                     Arg("--plot", "CSV histogram of the weights"), ray=True, argv=argv)
+                     Arg("--out", "stats folder (patches/, images.parquet, normalisation.json)", output="staged-dir"),
+                     Arg("--metrics", "JSON metrics file (spread of the weights)", output="file"),
+                     Arg("--plot", "CSV histogram of the weights", output="file"), ray=True, argv=argv)
 
 
 if __name__ == "__main__":
