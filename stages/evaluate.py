@@ -7,41 +7,35 @@ Usage: ``python stages/evaluate.py --params params.yaml --train-info models/trai
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
+from typing import Any, Mapping
 
-from pipeline.common.config import load_params, section
+from pipeline.common.config import section
+from pipeline.common.mlflow_store import configure_mlflow
+from pipeline.common.stage import Arg, run_stage
+from pipeline.evaluate.stage import EvalConfig, evaluate, log_to_run
+from pipeline.train.summary import read_train_info
+
+
+def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
+    """The stage's work; returns its summary."""
+    cfg = EvalConfig.from_params(section(params, "evaluate"))
+    info = read_train_info(args.train_info)
+    result = evaluate(info["checkpoint"], args.registered, args.split, args.out, args.metrics, cfg)
+    configure_mlflow()
+    log_to_run(info["run_id"], result)
+    return Path(result.paths["table"]).read_text()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameter file")
-    parser.add_argument("--train-info", required=True, help="models/train.json of the train stage")
-    parser.add_argument("--registered", required=True, help="registered images (ir/, vi/)")
-    parser.add_argument("--split", required=True, help="split.json of the crop stage")
-    parser.add_argument("--out", required=True, help="report folder (per_image.csv, table.md, grid.png, fused/)")
-    parser.add_argument("--metrics", required=True, help="JSON of the means per method (DVC metrics)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from pipeline.evaluate.stage import EvalConfig, evaluate, log_to_run
-        from pipeline.common.ray_runtime import ray_options, ray_session
-        from pipeline.train.runs import read_train_info
-        from pipeline.common.mlflow_store import configure_mlflow
-
-        params = load_params(args.params)
-        cfg = EvalConfig.from_params(section(params, "evaluate"))
-        info = read_train_info(args.train_info)
-        with ray_session(**ray_options(params)):
-            result = evaluate(info["checkpoint"], args.registered, args.split, args.out, args.metrics, cfg)
-        configure_mlflow()
-        log_to_run(info["run_id"], result)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 1
-    print(Path(result.paths["table"]).read_text())
-    return 0
+    """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
+    return run_stage("evaluate", __doc__, run,
+                     Arg("--train-info", "models/train.json of the train stage"),
+                     Arg("--registered", "registered images (ir/, vi/)"),
+                     Arg("--split", "split.json of the crop stage"),
+                     Arg("--out", "report folder (per_image.csv, table.md, grid.png, fused/)", output="staged-dir"),
+                     Arg("--metrics", "JSON of the means per method (DVC metrics)", output="file"), ray=True, mlflow=True, argv=argv)
 
 
 if __name__ == "__main__":

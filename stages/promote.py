@@ -14,7 +14,7 @@ from pipeline.common.config import section
 from pipeline.common.mlflow_store import configure_mlflow
 from pipeline.common.stage import Arg, run_stage
 from pipeline.evaluate.promote import PromoteConfig, promote, read_eval_means, read_test_set_digest, write_decision
-from pipeline.train.runs import read_train_info
+from pipeline.train.summary import read_train_info
 
 
 def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:

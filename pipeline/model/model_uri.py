@@ -1,7 +1,7 @@
 """Resolving MLflow model URIs (``models:/NAME@ALIAS``, ``models:/NAME/3``, ``runs:/ID/model``) to
 the weights file they carry, for ``mda fuse --model`` and anything else that wants a checkpoint
 (``models/train.json``, the train stage's pointer to its MLflow run and logged model, is read by
-``pipeline.train.runs.read_train_info``).
+``pipeline.train.summary.read_train_info``).
 
 The fusion models logged by the train stage (``pipeline.model.pyfunc``) are ``pyfunc`` models whose
 weights travel as the artifact ``checkpoint`` (our checkpoint format). Resolution downloads the
@@ -16,6 +16,12 @@ import atexit
 import shutil
 import tempfile
 from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+
+from pipeline.common.mlflow_store import configure_mlflow
 
 #: URI prefixes handled here (anything else is a file path).
 MLFLOW_URI_PREFIXES: tuple[str, ...] = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -48,12 +54,6 @@ def fetch_checkpoint(uri: str, dst: str | Path | None = None, root: str | Path |
         ValueError: unknown model, version or alias, or a model that is not an MDA fusion model
             (no ``checkpoint`` artifact); the message names the URI and the store.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    from pipeline.common.mlflow_store import configure_mlflow
-
     store = configure_mlflow(root)
     if store.startswith("sqlite:///"):
         db = Path(store[len("sqlite:///") :])

@@ -56,28 +56,6 @@ class TrainPaths:
     root: Path = field(default_factory=Path.cwd)
 
 
-def read_train_info(path: str | Path) -> dict[str, Any]:
-    """Read ``models/train.json`` (``run_id``, ``model_uri``, ``checkpoint``, ...).
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: not JSON, or a required key is missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training summary not found: {path} (run the train stage)")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key in ("run_id", "model_uri", "checkpoint"):
-        if not info.get(key):
-            raise ValueError(f"{path}: missing '{key}'")
-    return info
-
-
 def data_digest(patches_dir: str | Path) -> str:
     """SHA-256 (hex, first 12) of the training Parquet files' names and bytes."""
     h = hashlib.sha256()

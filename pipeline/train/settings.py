@@ -107,8 +107,7 @@ def scaling_config(settings: TrainSettings, cluster_resources: Mapping[str, floa
     Raises:
         ValueError: GPUs requested on a cluster without GPUs.
     """
-    # lazy: this module is also read without Ray Train (stages/evaluate.py and stages/promote.py
-    # import pipeline.train.runs for read_train_info, the benchmark's plain loop the settings)
+    # lazy: the settings are also read without Ray Train (the benchmark's plain loop)
     from ray.train import ScalingConfig
 
     if settings.use_gpu and cluster_resources.get("GPU", 0) < settings.num_workers:

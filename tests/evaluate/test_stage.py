@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.common.config import ParamsError
-from pipeline.evaluate.stage import EvalConfig, fuse_average, fuse_maximum, markdown_table, means_for_json, resolve_methods
+from pipeline.evaluate.report import markdown_table, means_for_json
+from pipeline.evaluate.stage import EvalConfig, fuse_average, fuse_maximum, resolve_methods
 from pipeline.data.images import write_image
 from pipeline.evaluate.metrics import METRICS, compute_all
 
@@ -58,7 +59,7 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     import pandas as pd
     from mlflow import MlflowClient
 
-    from pipeline.evaluate.metrics import evaluate_folder
+    from pipeline.evaluate.score import evaluate_folder
     from stages.evaluate import main
 
     root = tiny_project
@@ -148,7 +149,7 @@ def test_official_baseline_scored_when_present(tiny_project, ray_local):
 
 def test_bad_inputs_are_clear_errors(tiny_project):
     from pipeline.evaluate.stage import evaluate, list_test_pairs
-    from pipeline.train.runs import read_train_info
+    from pipeline.train.summary import read_train_info
 
     root = tiny_project
     with pytest.raises(FileNotFoundError, match="trained checkpoint not found: .*nope.pt"):
@@ -160,10 +161,10 @@ def test_bad_inputs_are_clear_errors(tiny_project):
         evaluate(root / "best.pt", root / "registered", root / "split.json", root / "eval", root / "m.json",
                  EvalConfig(official_weights=str(root / "garbage.pth")))
     assert not (root / "eval").exists() and not (root / "m.json").exists()
-    (root / "split.json").write_text(json.dumps({"test": ["p1", "zz"]}))
+    (root / "split.json").write_text(json.dumps({"train": [], "val": [], "test": ["p1", "zz"]}))
     with pytest.raises(FileNotFoundError, match=r"no registered IR/visible images for test pairs \['zz'\]"):
         list_test_pairs(root / "registered", root / "split.json")
-    (root / "split.json").write_text(json.dumps({"test": []}))
+    (root / "split.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
     with pytest.raises(ValueError, match="test split is empty"):
         list_test_pairs(root / "registered", root / "split.json")
     (root / "train.json").write_text(json.dumps({"run_id": "r"}))
