@@ -7,10 +7,13 @@ Later stages extend ``TINY_OVERRIDES`` (small params so the run stays short) and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,7 @@ EXPECTED_OUTPUTS: list[str] = [
     "eval/per_image.csv",
     "eval/table.md",
     "eval/grid.png",
+    "eval/report.html",
     "metrics/eval.json",
     "models/promotion.json",
 ]
@@ -100,20 +104,31 @@ def _fingerprint(root: Path, paths: list[str]) -> dict[str, tuple[float, str]]:
     return found
 
 
-@pytest.mark.slow
-def test_dvc_repro_in_a_fresh_git_copy_then_nothing_to_do(tmp_path):
-    repo = tmp_path / "repo"
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+
+
+@pytest.fixture(scope="module")
+def demo_repo(tmp_path_factory):
+    """A temporary git copy of the repository after one ``dvc repro`` of the demo pipeline.
+
+    Shared by the tests of this module (the pipeline runs once): ``(repo, env, output of the run)``.
+    """
+    repo = tmp_path_factory.mktemp("dvc") / "repo"
     _copy_repo(repo)
     _override(repo / "params.yaml", TINY_OVERRIDES)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
-    _run([*git, "commit", "-q", "-m", "copy"], repo, env)
-
+    _run([*GIT, "commit", "-q", "-m", "copy"], repo, env)
     first = _run(["dvc", "repro", *REPRO_TARGETS], repo, env)
+    return repo, env, first
+
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_fresh_git_copy_then_nothing_to_do(demo_repo):
+    repo, env, first = demo_repo
     missing = [p for p in EXPECTED_OUTPUTS if not (repo / p).exists()]
     assert not missing, f"declared outputs missing after dvc repro: {missing}\n{first[-3000:]}"
     shown = _run(["dvc", "metrics", "show"], repo, env)
@@ -124,3 +139,93 @@ def test_dvc_repro_in_a_fresh_git_copy_then_nothing_to_do(tmp_path):
     second = _run(["dvc", "repro", *REPRO_TARGETS], repo, env)
     assert "up to date" in second, second
     assert _fingerprint(repo, ["dvc.lock", *EXPECTED_OUTPUTS]) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Results you can see: DVC image plots and eval/report.html in headless Chromium (tests/test_browser.py)
+
+
+def _grid_pair(repo: Path) -> str:
+    pairs = sorted(p.name for p in (repo / "eval" / "plots").iterdir())
+    assert len(pairs) == TINY_OVERRIDES["evaluate.grid_pairs"], pairs
+    return pairs[0]
+
+
+def _methods(repo: Path) -> list[str]:
+    """The evaluated methods in the order of eval/per_image.csv (the official baseline only where
+    the authors' weights are found)."""
+    rows = (repo / "eval" / "per_image.csv").read_text().splitlines()[1:]
+    return list(dict.fromkeys(r.split(",")[0] for r in rows))
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_renders_the_fused_images(demo_repo):
+    from test_browser import IMAGES_JS, Browser, artifact_dir, find_chromium
+
+    repo, env, _ = demo_repo
+    pair = _grid_pair(repo)
+    out = _run(["dvc", "plots", "show"], repo, env)
+    index = repo / "dvc_plots" / "index.html"
+    assert index.is_file(), out
+    page = index.read_text()
+    from pipeline.evaluate.report import plot_image_name
+
+    labels = [plot_image_name(x)[:-4] for x in ("ir", "visible", *_methods(repo))]
+    assert labels[-1] == "5_ours" and len(labels) >= 5, labels
+    for label in labels:  # image plots of every method of the grid pair, in this order
+        assert f"eval/plots/{pair}/{label}.png" in page, label
+    positions = [page.index(f"eval/plots/{pair}/{label}.png") for label in labels]
+    assert positions == sorted(positions)
+    assert "plots/train_loss.csv" in page  # the curves are still there
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium): page not rendered")
+    t0 = time.monotonic()
+    with Browser(exe) as browser:
+        tab = browser.open(index.as_uri())
+        images = tab.eval(IMAGES_JS)
+        shot = tab.screenshot(artifact_dir() / "dvc-plots-show.png")
+        errors = tab.console_errors()
+    assert len(images) == len(labels) and all(i["ok"] and i["w"] > 0 for i in images), images
+    # DVC's own page template loads Vega from cdn.jsdelivr.net for the curves: offline (CI) those
+    # loads fail; nothing else may.
+    others = [e for e in errors if "cdn.jsdelivr.net" not in e and not re.search(r"\bvega", e, re.I)]
+    assert not others, f"console errors in dvc_plots/index.html: {others}"
+    print(f"\nscreenshot: {shot} ({time.monotonic() - t0:.1f} s in Chromium; "
+          f"{len(errors) - len(others)} errors from DVC's Vega CDN scripts ignored)")
+
+
+@pytest.mark.slow
+def test_eval_report_in_headless_chromium(demo_repo):
+    from test_browser import Browser, artifact_dir, check_report_page, chromium_or_skip
+
+    repo, _, _ = demo_repo
+    report = repo / "eval" / "report.html"
+    n_test = len(json.loads((repo / "eval" / "test_set.json").read_text())["pairs"])
+    exe = chromium_or_skip()
+    shot = artifact_dir() / "eval-report.png"
+    t0 = time.monotonic()
+    with Browser(exe) as browser:
+        seen = check_report_page(browser.open(report.as_uri()), shot)
+    print(f"\nscreenshot: {shot} ({time.monotonic() - t0:.1f} s in Chromium); {seen}")
+    assert seen["rows"] == n_test and seen["images"] == n_test * (2 + len(_methods(repo)))  # IR, visible, methods
+    assert len(seen["notes"]) == min(3, n_test)
+
+
+@pytest.mark.slow
+def test_dvc_plots_diff_of_two_experiments_shows_both(demo_repo):
+    """``dvc exp run`` twice (train and after re-run), then ``dvc plots diff`` puts each image of
+    the two experiments side by side. Runs last: it changes the copy's workspace."""
+    repo, env, _ = demo_repo
+    pair = _grid_pair(repo)
+    for name, epochs in (("short", 1), ("long", 2)):
+        _run(["dvc", "exp", "run", "-n", name, "-S", f"train.epochs={epochs}"], repo, env)
+    _run(["dvc", "plots", "diff", "short", "long", "-o", "plots_diff"], repo, env)
+    page = (repo / "plots_diff" / "index.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    ours = [s for s in srcs if s.endswith(f"eval_plots_{pair}_5_ours.png")]
+    assert len(ours) == 2 and any("short" in s for s in ours) and any("long" in s for s in ours), srcs
+    files = [repo / "plots_diff" / s for s in ours]
+    assert all(f.is_file() for f in files)
+    assert files[0].read_bytes() != files[1].read_bytes(), "the two experiments' fused images are identical"

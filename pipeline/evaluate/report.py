@@ -248,11 +248,11 @@ def write_visual_report(
         body_rows.append(_pair_row(name, cells, by_key.get((ours, name), {}), by_key, methods, ours, metrics, primary, worst.get(name)))
 
     page = _PAGE.format(
-        title=html.escape(f"Evaluation: {len(pairs)} test pairs"),
+        title=html.escape(f"Evaluation: {_count(len(pairs), 'test pair')}"),
         css=_CSS,
         script=_SCRIPT,
         summary=html.escape(
-            f"{len(pairs)} test pairs; methods: {', '.join(methods)}. Higher is better for every metric; "
+            f"{_count(len(pairs), 'test pair')}; methods: {', '.join(methods)}. Higher is better for every metric; "
             f"best mean in bold. Metrics per pair are those of '{ours}'."
         ),
         means=_means_table(means, metrics),
@@ -264,6 +264,10 @@ def write_visual_report(
         rows="\n".join(body_rows),
     )
     return write_text_atomic(out_dir / REPORT_FILE, page)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _fmt(value: Any) -> str:
@@ -299,7 +303,7 @@ def _worst_list(worst: Sequence[Mapping[str, Any]], ours: str, primary: str) -> 
         f"<li><a href=\"#pair-{html.escape(w['name'])}\">{html.escape(w['name'])}</a>: {html.escape(w['note'])}</li>"
         for w in worst
     )
-    return f"<p>The {len(worst)} pairs where <code>{html.escape(ours)}</code> has the lowest {html.escape(primary)}:</p><ol id=\"worst\">{items}</ol>"
+    return f"<p>The {_count(len(worst), 'pair')} where <code>{html.escape(ours)}</code> has the lowest {html.escape(primary)}:</p><ol id=\"worst\">{items}</ol>"
 
 
 def _pair_row(
