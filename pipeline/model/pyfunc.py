@@ -19,7 +19,9 @@ The answer is ``{"predictions": [{"fused": [[...]]}]}``.
 
 The weights travel with the model as the artifact ``checkpoint`` (our checkpoint format) and are
 loaded in ``load_context`` with ``pipeline.model.weights.load_model``; the ``pipeline`` package is
-shipped as model code, so loading needs only the pip requirements recorded with the model.
+shipped as model code, so loading needs only the pip requirements recorded with the model. The model
+is logged from code (``pipeline/model/pyfunc_code.py``, MLflow "models from code"), not as a
+cloudpickled object: loading it runs our source, never unpickles a Python object.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
 import pipeline
 from pipeline.model.inference import Fuser
+
+#: The models-from-code file logged as the model (it calls ``mlflow.models.set_model``).
+MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")
 
 
 def _as_u8(value: Any, name: str, row: int) -> np.ndarray:
@@ -134,7 +139,7 @@ def log_fusion_model(checkpoint: str | Path, name: str = "model") -> str:
     sig, example = signature_and_example()
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=FusionPyfunc(),
+        python_model=str(MODEL_CODE),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(pipeline.__file__).parent)],
         signature=sig,

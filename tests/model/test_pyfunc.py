@@ -65,6 +65,26 @@ def _pair(h: int = 32, w: int = 48) -> tuple[np.ndarray, np.ndarray]:
     return ir.astype(np.uint8), vi.astype(np.uint8)
 
 
+def test_logged_from_code_not_pickled(champion):
+    """Issue 13: the model is MLflow "models from code" (no cloudpickled python_model.pkl)."""
+    import mlflow
+    import pandas as pd
+    import yaml
+    from mlflow import MlflowClient
+
+    from pipeline.model.inference import Fuser
+
+    location = MlflowClient().get_logged_model(champion["model_uri"].split("/")[-1]).artifact_location
+    model_dir = Path(urlparse(location).path)
+    flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor.get("model_code_path", "").endswith("pyfunc_code.py")
+    assert not list(model_dir.rglob("*.pkl"))
+    ir, vi = _pair()
+    frame = pd.DataFrame({"ir": [ir.tolist()], "vi": [vi.tolist()]})
+    fused = mlflow.pyfunc.load_model(champion["model_uri"]).predict(frame)["fused"][0]
+    np.testing.assert_array_equal(np.asarray(fused, np.uint8), Fuser.from_file(champion["checkpoint"])(ir, vi))
+
+
 def test_fuse_cli_with_registered_champion(champion, tmp_path, capsys):
     from pipeline.cli import main
     from pipeline.model.inference import Fuser
