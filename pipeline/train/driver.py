@@ -31,6 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 import pipeline
 from pipeline.common.atomic_io import atomic_writer, copy_atomic, write_json
 from pipeline.common.config import section
+from pipeline.common.log_filter import RAY_TRAIN_CONTROLLER_NOISE, drop_lines
 from pipeline.common.ray_runtime import ray_options, ray_session, resolve_address
 from pipeline.model.network import model_config
 from pipeline.model.pyfunc import log_fusion_model
@@ -101,10 +102,13 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
                                resources)
             t_fit = time.perf_counter()
             try:
-                result = trainer.fit()
+                with drop_lines(RAY_TRAIN_CONTROLLER_NOISE) as filters:  # Ray Train V2 noise, see log_filter
+                    result = trainer.fit()
             except TrainingFailedError as exc:
                 raise RuntimeError(f"training run {name} failed: {_root_cause(exc)}") from exc
             fit_s = time.perf_counter() - t_fit
+            if sum(f.dropped for f in filters):
+                log.info("hid %d '%s' line(s) (harmless)", sum(f.dropped for f in filters), RAY_TRAIN_CONTROLLER_NOISE)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

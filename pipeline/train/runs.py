@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.atomic_io import copy_atomic, write_json
 from pipeline.common.config import flatten
-from pipeline.common.mlflow_store import configure_mlflow
+from pipeline.common.mlflow_store import configure_mlflow, unavailable
 from pipeline.train.settings import TrainSettings, check_run_name
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,27 @@ def _set_aside(run_dir: Path) -> Path:
     return dest
 
 
+def _recorded_outputs(run_id: str) -> dict[str, Any] | None:
+    """The ``SUMMARY_ARTIFACT`` of a run, or ``None`` when it is absent or not a JSON object.
+
+    Raises:
+        MlflowUnavailable: the store could not be asked: an outage must not become a silent retrain.
+    """
+    try:
+        recorded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{SUMMARY_ARTIFACT}")
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise unavailable(mlflow.get_tracking_uri(), f"read {SUMMARY_ARTIFACT} of MLflow run {run_id}", exc) from exc
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON (json.JSONDecodeError): unreadable record, train instead
+        return None
+    except OSError as exc:  # connection errors of the artifact store
+        raise unavailable(mlflow.get_tracking_uri(), f"read {SUMMARY_ARTIFACT} of MLflow run {run_id}", exc) from exc
+    return recorded if isinstance(recorded, dict) else None
+
+
 def _reuse_finished_run(client: Any, run_id: str, name: str, settings: TrainSettings,
                         paths: TrainPaths, config_id: str) -> dict[str, Any] | None:
     """Outputs of a run that already finished with the same name (same params, data and code for
@@ -200,9 +223,8 @@ def _reuse_finished_run(client: Any, run_id: str, name: str, settings: TrainSett
             code (``config_id``, see ``default_run_name``): re-exporting it would pass old weights
             off as trained with the current ones.
     """
-    try:
-        recorded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{SUMMARY_ARTIFACT}")
-    except Exception:  # noqa: BLE001 - absent or unreadable: train instead
+    recorded = _recorded_outputs(run_id)
+    if recorded is None:
         return None
     summary, metrics = recorded.get("summary") or {}, recorded.get("metrics") or {}
     checkpoint = Path(str(summary.get("ray_checkpoint", ""))) / MODEL_FILE

@@ -1,0 +1,70 @@
+"""Dropping known noise from what Ray's workers print on the driver's console.
+
+Ray forwards every worker's stdout/stderr to the driver and prints it there line by line with
+``print``, not through Python logging, so a ``logging.Filter`` in the driver cannot see it and the
+process that logs it (Ray Train's detached placement-group cleaner actor) is not ours to
+configure. ``drop_lines`` swaps ``sys.stdout``/``sys.stderr`` for line filters while a block runs
+(``trainer.fit()``): lines containing one of the given fragments are counted and dropped, every
+other byte passes through unchanged (partial lines, such as progress bars, on ``flush``).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence, TextIO
+
+#: Printed every few seconds by Ray Train V2's placement-group cleaner when the State API is slow
+#: (a loaded 2-core machine): harmless, the cleaner "continues to monitor".
+RAY_TRAIN_CONTROLLER_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+class LineFilter:
+    """A text stream that forwards whole lines to ``target`` unless they contain a fragment."""
+
+    def __init__(self, target: TextIO, fragments: Sequence[str]) -> None:
+        self.target = target
+        self.fragments = tuple(fragments)
+        self.dropped = 0
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        """Buffer ``text``; forward each finished line that contains no fragment."""
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if any(f in line for f in self.fragments):
+                self.dropped += 1
+            else:
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        """Forward a pending partial line (a progress bar) unless it is noise being written."""
+        if self._pending and not any(f in self._pending for f in self.fragments):
+            self.target.write(self._pending)
+            self._pending = ""
+        self.target.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self.target, name)
+
+
+@contextmanager
+def drop_lines(*fragments: str) -> Iterator[list[LineFilter]]:
+    """Filter ``sys.stdout`` and ``sys.stderr`` inside the block (see the module docstring).
+
+    Yields:
+        The two filters (their ``dropped`` counts are final when the block ends).
+    """
+    saved = sys.stdout, sys.stderr
+    filters = [LineFilter(saved[0], fragments), LineFilter(saved[1], fragments)]
+    sys.stdout, sys.stderr = filters  # type: ignore[assignment]
+    try:
+        yield filters
+    finally:
+        sys.stdout, sys.stderr = saved
+        for f in filters:
+            if f._pending and not any(frag in f._pending for frag in fragments):
+                f.target.write(f._pending)
+            f.target.flush()
