@@ -1,24 +1,28 @@
-"""The register step: validate IR/visible pairs, check and correct their alignment, on Ray Data.
+"""The register step: validate IR/visible pairs, check their alignment and correct only what is proven, on Ray Data.
 
 Per pair (one Ray Data row each):
 
-1. Read with :func:`pipeline.data.images.read_ir` / :func:`pipeline.data.images.read_visible` (IR: one ``uint8``
-   channel, 16-bit stretched; visible: ``uint8`` BGR or gray).
+1. Read with :func:`pipeline.data.images.read_ir` / :func:`pipeline.data.images.read_visible`
+   (IR: one ``uint8`` channel, 16-bit stretched; visible: ``uint8`` BGR or gray).
 2. Validate; a bad pair is *rejected* with a reason code, the others go on:
    ``missing_partner``, ``unreadable`` (missing, corrupt or not an image), ``unsupported_format``
    (bit depth other than 8/16, odd channel layout), ``size_mismatch``, ``constant_image``.
-3. Estimate the residual misalignment with ECC (:func:`estimate_alignment`) on gradient-magnitude
-   images (IR vs visible luma: raw intensities of two modalities do not correlate, their edges do),
-   coarse to fine, initialised by the better of identity and phase correlation.
-4. When the estimated displacement exceeds ``max_shift_px`` (and the estimate beats identity), warp
-   the visible image onto the IR frame (colour kept); otherwise the decoded images are written
-   unchanged. An estimate that fails (no convergence, implausible displacement) leaves the pair
-   unchanged and is recorded in ``align_error``.
+3. Alignment, by ``register.align`` (:data:`pipeline.data.register_options.ALIGN_MODES`):
+
+   - ``off``: nothing is estimated;
+   - ``check`` (default): the offset is estimated and judged (:func:`pipeline.data.align.check_alignment`:
+     a gradient ECC and a mutual-information search must agree) and recorded in the manifest;
+     the images are written exactly as decoded;
+   - ``correct``: as ``check``, and the visible image of a *confident* pair whose rigid fit
+     (:func:`pipeline.data.align.rigid_warp`) moves it by at least ``min_correction_px`` is warped
+     onto the IR frame. A pair that is not confident is never moved; ``align_reason`` says why.
 
 Outputs of :func:`register_dataset` in ``OUT``: ``ir/<stem>.png`` (``uint8`` gray), ``vi/<stem>.png``
-(``uint8`` BGR or gray), ``manifest.parquet`` (:data:`MANIFEST_SCHEMA`, one row per pair, accepted
-and rejected) and ``rejected.json`` (``[{pair_id, ir, vi, reason}]``). The images are written by the
-Ray tasks, so on a multi-node cluster ``OUT`` must be on storage shared by all nodes.
+(``uint8`` BGR or gray), ``manifest.parquet`` (:func:`manifest_schema`, one row per pair, accepted
+and rejected) and ``rejected.json`` (``[{pair_id, ir, vi, reason}]``); and the alignment report
+(``alignment.json``, ``alignment.png``: :func:`write_report`) in ``register.report_dir`` (``OUT``
+when empty). The images are written by the Ray tasks, so on a multi-node cluster ``OUT`` must be
+on storage shared by all nodes.
 """
 
 from __future__ import annotations
@@ -38,219 +42,53 @@ import pyarrow.parquet as pq
 
 from pipeline.common.atomic_io import atomic_writer, replace_dir, staging_dir, write_json
 from pipeline.common.ray_runtime import configure_data_context
+from pipeline.data import align
 from pipeline.data.contracts import MANIFEST_SCHEMA
 from pipeline.data.images import ImageError, find_pairs, read_ir, read_visible, split_luma, write_image
-from pipeline.data.register_options import MOTION_NAMES, AlignOptions
+from pipeline.data.register_options import AlignOptions
 
 log = logging.getLogger(__name__)
 
-#: OpenCV ECC motion type of each ``register.motion`` name.
-MOTIONS: dict[str, int] = {name: getattr(cv2, f"MOTION_{name.upper()}") for name in MOTION_NAMES}
+#: Alignment columns the register stage adds to :data:`pipeline.data.contracts.MANIFEST_SCHEMA`
+#: (null for rejected pairs; all but ``align_mode`` null when ``align`` is ``off``):
+#:
+#: - ``align_mode``: ``off``, ``check`` or ``correct``;
+#: - ``confident``: the estimate is proven (both estimators agree, see ``pipeline.data.align``);
+#: - ``align_reason``: ``agree: ...`` or the refusal code (``ecc_failed``, ``implausible_shift``,
+#:   ``low_score``, ``disagree``) and its figures;
+#: - ``ecc_shift``, ``mi_shift``: the two estimates (dx, dy) in pixels (``ecc_shift`` null when
+#:   the ECC failed);
+#: - ``identity_score``: gradient correlation of the pair as decoded;
+#: - ``disagreement_px``: largest per-axis difference of the two estimates.
+#:
+#: The base columns keep their meaning: ``transform`` is the estimated IR -> visible warp (the
+#: ECC translation, or in ``correct`` the rigid fit of a confident pair), applied iff
+#: ``corrected``; ``shift_px`` its largest displacement over corners and centre; ``align_score``
+#: the gradient correlation of the ECC estimate; ``align_error`` the refusal reason (null when
+#: confident or not checked).
+ALIGN_COLUMNS: tuple[pa.Field, ...] = (
+    pa.field("align_mode", pa.string()),
+    pa.field("confident", pa.bool_()),
+    pa.field("align_reason", pa.string()),
+    pa.field("ecc_shift", pa.list_(pa.float64())),
+    pa.field("mi_shift", pa.list_(pa.float64())),
+    pa.field("identity_score", pa.float64()),
+    pa.field("disagreement_px", pa.float64()),
+)
 
-_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+#: File names of the alignment report.
+REPORT_METRICS = "alignment.json"
+REPORT_PICTURE = "alignment.png"
+
+
+def manifest_schema() -> pa.Schema:
+    """Schema of ``manifest.parquet``: the shared manifest columns, then those of
+    :data:`ALIGN_COLUMNS` that :data:`pipeline.data.contracts.MANIFEST_SCHEMA` does not hold yet."""
+    return pa.schema(list(MANIFEST_SCHEMA) + [f for f in ALIGN_COLUMNS if f.name not in MANIFEST_SCHEMA.names])
 
 
 class NoPairsError(ValueError):
     """No pair survived validation (the message lists why)."""
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """Result of :func:`estimate_alignment`.
-
-    Attributes:
-        warp: (2, 3) float64, IR pixel coords -> visible pixel coords (identity when ``error``).
-        score: ECC correlation of the gradient magnitudes at ``warp`` (NaN when ``error``).
-        identity_score: the same correlation without any warp.
-        shift_px: largest displacement of ``warp`` over corners and centre, in pixels.
-        error: why the estimate must not be used, else ``None``.
-    """
-
-    warp: np.ndarray
-    score: float
-    identity_score: float
-    shift_px: float
-    error: str | None = None
-
-
-def normalised_edges(img: np.ndarray) -> np.ndarray:
-    """Contrast-normalised Sobel gradient magnitude of a lightly smoothed image.
-
-    The magnitude is divided by its local mean (Gaussian, sigma 6 px) plus half its global mean,
-    so that an edge weighs about as much in a low-contrast modality as in a high-contrast one
-    (IR and visible rarely agree on edge *strength*, they do on edge *position*).
-
-    Args:
-        img: (H, W) ``uint8`` or float.
-
-    Returns:
-        (H, W) ``float32``, dimensionless (about 1 on edges of average local contrast).
-    """
-    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.0)
-    g = cv2.magnitude(cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3))
-    local = cv2.GaussianBlur(g, (0, 0), 6.0)
-    return g / (local + 0.5 * float(g.mean()) + 1e-6)
-
-
-def displacement_px(warp: np.ndarray, height: int, width: int) -> float:
-    """Largest displacement ``|warp(p) - p|`` over the four corners and the centre (pixels)."""
-    pts = np.array(
-        [[0, 0], [width - 1, 0], [0, height - 1], [width - 1, height - 1], [(width - 1) / 2, (height - 1) / 2]],
-        dtype=np.float64,
-    )
-    mapped = pts @ np.asarray(warp, np.float64)[:, :2].T + np.asarray(warp, np.float64)[:, 2]
-    return float(np.max(np.linalg.norm(mapped - pts, axis=1)))
-
-
-def warp_visible(vi: np.ndarray, warp: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resample the visible image onto the IR frame.
-
-    Args:
-        vi: ``uint8`` (H', W'[, 3]) visible image.
-        warp: (2, 3) map from IR coords to visible coords (as estimated).
-        height, width: size of the IR frame.
-
-    Returns:
-        ``uint8`` (height, width[, 3]): bilinear, borders replicated.
-    """
-    return cv2.warpAffine(
-        vi,
-        np.asarray(warp, np.float32),
-        (width, height),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-
-
-def _scale_translation(warp: np.ndarray, factor: float) -> np.ndarray:
-    """The same warp on both images down/up-sampled by ``factor`` with ``x' = factor * x`` (pyrDown)."""
-    out = np.array(warp, np.float64)
-    out[:, 2] *= factor
-    return out
-
-
-def _from_resized(warp_s: np.ndarray, sx: float, sy: float) -> np.ndarray:
-    """A warp estimated on images resized by (sx, sy) (``cv2.resize`` pixel centres:
-    ``x_s = s (x + 0.5) - 0.5``), expressed on the original images."""
-    s = np.array([sx, sy])
-    c = 0.5 * (s - 1.0)
-    a_s, t_s = warp_s[:, :2], warp_s[:, 2]
-    a = a_s * s[None, :] / s[:, None]
-    t = (a_s @ c + t_s - c) / s
-    return np.hstack([a, t[:, None]])
-
-
-def estimate_alignment(ir: np.ndarray, vi_y: np.ndarray, options: AlignOptions = AlignOptions()) -> Alignment:
-    """Estimate the warp that maps IR pixel coordinates onto the visible image.
-
-    ECC (``cv2.findTransformECC``) on the gradient magnitudes of an image pyramid, coarse to fine.
-    At the coarsest level a translation is fitted from two starts, identity and the
-    phase-correlation shift, and the better one (higher ECC) is kept; each level then refines the
-    full motion model of ``options`` from the level above.
-
-    Args:
-        ir: ``uint8`` (H, W) IR image (the template).
-        vi_y: ``uint8`` (H, W) visible luma, same size.
-        options: motion model, pyramid and iteration bounds.
-
-    Returns:
-        The :class:`Alignment` in full-resolution pixels; never raises for image content.
-    """
-    if ir.shape != vi_y.shape:
-        raise ValueError(f"IR {ir.shape} and visible {vi_y.shape} sizes differ")
-    h, w = ir.shape
-    scale = min(1.0, options.max_size / max(h, w))
-    ir_s, vi_s = ir.astype(np.float32), vi_y.astype(np.float32)
-    if scale < 1.0:
-        size = (max(8, round(w * scale)), max(8, round(h * scale)))
-        ir_s = cv2.resize(ir_s, size, interpolation=cv2.INTER_AREA)
-        vi_s = cv2.resize(vi_s, size, interpolation=cv2.INTER_AREA)
-    scale_x, scale_y = ir_s.shape[1] / w, ir_s.shape[0] / h
-    levels = max(1, min(options.levels, int(np.log2(max(1, min(ir_s.shape) // 64))) + 1))
-    pyr_ir, pyr_vi = [ir_s], [vi_s]
-    for _ in range(levels - 1):
-        pyr_ir.append(cv2.pyrDown(pyr_ir[-1]))
-        pyr_vi.append(cv2.pyrDown(pyr_vi[-1]))
-    # gradients per level (of the smoothed image, not a smoothed gradient: fine texture cancels)
-    pyr_ir = [normalised_edges(im) for im in pyr_ir]
-    pyr_vi = [normalised_edges(im) for im in pyr_vi]
-    # findTransformECC smooths both images with a 5x5 Gaussian (gaussFiltSize=5): score likewise
-    identity_score = _ecc_value(cv2.GaussianBlur(pyr_ir[0], (5, 5), 0), cv2.GaussianBlur(pyr_vi[0], (5, 5), 0))
-    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, options.max_iterations, options.eps)
-
-    def ecc(level: int, warp: np.ndarray, motion: int) -> tuple[float, np.ndarray]:
-        cc, out = cv2.findTransformECC(pyr_ir[level], pyr_vi[level], warp.astype(np.float32), motion, criteria, None, 5)
-        return float(cc), out.astype(np.float64)
-
-    try:
-        score, warp = _coarse_to_fine(pyr_ir, pyr_vi, MOTIONS[options.motion], ecc)
-    except cv2.error:
-        try:  # fall back to the finest level alone, from identity
-            score, warp = ecc(0, _IDENTITY.copy(), MOTIONS[options.motion])
-        except cv2.error as exc:
-            return Alignment(
-                _IDENTITY.copy(), float("nan"), identity_score, 0.0, f"ECC did not converge: {_short_cv_error(exc)}"
-            )
-    if not np.isfinite(score) or not np.all(np.isfinite(warp)):
-        return Alignment(_IDENTITY.copy(), float("nan"), identity_score, 0.0, "ECC returned a non-finite result")
-    if score <= identity_score:  # the search ended in a worse optimum: identity is the best estimate
-        return Alignment(_IDENTITY.copy(), identity_score, identity_score, 0.0)
-    full = _from_resized(warp, scale_x, scale_y) if scale < 1.0 else warp
-    shift = displacement_px(full, h, w)
-    if shift > options.max_correction_px:
-        return Alignment(
-            full, score, identity_score, shift,
-            f"implausible displacement {shift:.1f} px > register.max_correction_px {options.max_correction_px:g}",
-        )
-    return Alignment(full, score, identity_score, shift)
-
-
-def _coarse_to_fine(pyr_ir: list, pyr_vi: list, motion: int, ecc: Any) -> tuple[float, np.ndarray]:
-    """Translation at the coarsest level from identity and phase correlation, then ``motion`` at
-    every level; raises ``cv2.error`` when ECC fails."""
-    coarsest = len(pyr_ir) - 1
-    g_ir, g_vi = pyr_ir[coarsest], pyr_vi[coarsest]
-    starts = [_IDENTITY.copy()]
-    window = cv2.createHanningWindow((g_ir.shape[1], g_ir.shape[0]), cv2.CV_32F)
-    (dx, dy), _ = cv2.phaseCorrelate(g_ir, g_vi, window)
-    if np.hypot(dx, dy) > 0.25:
-        starts.append(np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]))
-    best: tuple[float, np.ndarray] | None = None
-    error: cv2.error | None = None
-    for start in starts:
-        try:
-            cc, warp = ecc(coarsest, start, cv2.MOTION_TRANSLATION)
-        except cv2.error as exc:
-            error = exc
-            continue
-        if np.isfinite(cc) and (best is None or cc > best[0]):
-            best = (cc, warp)
-    if best is None:
-        raise error or cv2.error("no start converged")
-    score, warp = best
-    for level in range(coarsest, -1, -1):
-        if level < coarsest:
-            warp = _scale_translation(warp, 2.0)
-        if motion != cv2.MOTION_TRANSLATION or level < coarsest:
-            score, warp = ecc(level, warp, motion)
-    return score, warp
-
-
-def _ecc_value(a: np.ndarray, b: np.ndarray) -> float:
-    """Zero-mean normalised correlation of two float images (the ECC criterion at identity)."""
-    a = a.astype(np.float64).ravel() - a.mean()
-    b = b.astype(np.float64).ravel() - b.mean()
-    den = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / den) if den > 0 else 0.0
-
-
-def _short_cv_error(exc: Exception) -> str:
-    """``cv2.error`` text without OpenCV's source path: ``"(-7:Iterations do not converge) ..."``."""
-    import re
-
-    text = " ".join(str(exc).split())
-    m = re.search(r"error: (\(.*?\) .*?)(?: in function .*)?$", text)
-    return m.group(1) if m else text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,15 +111,30 @@ def _read(reader: Any, path: str, what: str) -> np.ndarray:
 
 
 def _empty_row(pair_id: str, ir: str | None, vi: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {name: None for name in manifest_schema().names}
+    row.update(pair_id=pair_id, ir_src=ir, vi_src=vi, corrected=False, status="rejected")
+    return row
+
+
+def _alignment_fields(check: align.AlignmentCheck, warp: np.ndarray, h: int, w: int) -> dict[str, Any]:
+    """Manifest values of an alignment check whose recorded warp is ``warp``."""
+    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
     return {
-        "pair_id": pair_id, "ir_src": ir, "vi_src": vi, "height": None, "width": None, "vi_channels": None,
-        "transform": None, "align_score": None, "shift_px": None, "corrected": False,
-        "status": "rejected", "reason": None, "align_error": None,
+        "transform": [float(v) for v in np.asarray(warp).ravel()],
+        "align_score": finite(check.score),
+        "shift_px": align.displacement_px(warp, h, w),
+        "confident": check.confident,
+        "align_reason": check.reason,
+        "align_error": None if check.confident else check.reason,
+        "ecc_shift": None if check.ecc_shift is None else [float(v) for v in check.ecc_shift],
+        "mi_shift": [float(v) for v in check.mi_shift],
+        "identity_score": finite(check.identity_score),
+        "disagreement_px": finite(check.disagreement_px),
     }
 
 
 def register_pair(pair_id: str, ir_path: str, vi_path: str, out_dir: str | Path, options: AlignOptions) -> dict[str, Any]:
-    """Validate, align and write one pair; never raises for bad input.
+    """Validate, check (and in ``correct`` mode maybe align) and write one pair; never raises for bad input.
 
     Args:
         pair_id: stem; the outputs are ``out_dir/ir/<pair_id>.png`` and ``out_dir/vi/<pair_id>.png``.
@@ -290,7 +143,7 @@ def register_pair(pair_id: str, ir_path: str, vi_path: str, out_dir: str | Path,
         options: alignment settings.
 
     Returns:
-        The manifest row (:data:`MANIFEST_SCHEMA` columns as Python values).
+        The manifest row (:func:`manifest_schema` columns as Python values).
     """
     row = _empty_row(pair_id, str(ir_path), str(vi_path))
     try:
@@ -305,23 +158,22 @@ def register_pair(pair_id: str, ir_path: str, vi_path: str, out_dir: str | Path,
             if int(img.min()) == int(img.max()):
                 raise _Rejected("constant_image", f"{what} {path} is constant (value {int(img.min())})")
         h, w = ir.shape
-        row.update(height=h, width=w, vi_channels=1 if vi.ndim == 2 else int(vi.shape[2]))
-        y, _ = split_luma(vi)
-        al = estimate_alignment(ir, y, options)
-        corrected = al.error is None and al.shift_px > options.max_shift_px
-        error = al.error
-        vi_out = warp_visible(vi, al.warp, h, w) if corrected else vi
+        row.update(height=h, width=w, vi_channels=1 if vi.ndim == 2 else int(vi.shape[2]), align_mode=options.align)
+        vi_out = vi
+        if options.align != "off":
+            y, _ = split_luma(vi)
+            check = align.check_alignment(ir, y, options)
+            warp = check.warp
+            if options.align == "correct" and check.confident:
+                warp = align.rigid_warp(ir, y, check, options)
+                if align.displacement_px(warp, h, w) >= options.min_correction_px:
+                    vi_out = align.warp_visible(vi, warp, h, w)
+                    row["corrected"] = True
+            row.update(_alignment_fields(check, warp, h, w))
         out = Path(out_dir)
         write_image(out / "ir" / f"{pair_id}.png", ir)
         write_image(out / "vi" / f"{pair_id}.png", vi_out)
-        row.update(
-            transform=[float(v) for v in al.warp.ravel()],
-            align_score=None if not np.isfinite(al.score) else float(al.score),
-            shift_px=float(al.shift_px),
-            corrected=bool(corrected),
-            status="ok",
-            align_error=error,
-        )
+        row["status"] = "ok"
     except _Rejected as rej:
         row["reason"] = rej.reason
     except Exception as exc:  # keep the stage going; the manifest says what happened
@@ -341,22 +193,31 @@ class RegisterSummary:
 
     found: int = 0
     accepted: int = 0
+    align: str = "check"
+    confident: int = 0
     corrected: int = 0
-    align_failed: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     out_dir: str = ""
+    report_dir: str = ""
 
     def format(self) -> str:
         """Human-readable multi-line summary."""
-        lines = [
-            f"register: {self.found} pairs found, {self.accepted} accepted "
-            f"({self.corrected} re-aligned, {self.align_failed} alignment estimates not used), "
-            f"{sum(self.rejected.values())} rejected",
-        ]
+        lines = [f"register: {self.found} pairs found, {self.accepted} accepted, {sum(self.rejected.values())} rejected"]
+        if self.align == "off":
+            lines.append("  alignment not checked (register.align: off)")
+        else:
+            refused = ", ".join(f"{n} {code}" for code, n in self.refused.items()) or "none"
+            lines.append(
+                f"  alignment ({self.align}): {self.confident} confident, {self.corrected} corrected; "
+                f"not confident (never moved): {refused}"
+            )
         for code, n in sorted(self.rejected.items()):
             lines.append(f"  rejected {code}: {n}")
         if self.out_dir:
             lines.append(f"  outputs in {self.out_dir} (manifest.parquet, rejected.json, ir/, vi/)")
+        if self.report_dir:
+            lines.append(f"  alignment report in {self.report_dir} ({REPORT_METRICS}, {REPORT_PICTURE})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -381,10 +242,11 @@ def register_dataset(
 ) -> RegisterSummary:
     """Run the register step on every pair of ``ir_dir`` / ``vi_dir`` with Ray Data.
 
-    Ray must be initialised by the caller (``pipeline.common.ray_runtime.ray_session``). Outputs are built
-    in a staging folder beside ``out_dir`` (``pipeline.common.atomic_io.staging_dir``) that replaces it as a
-    whole at the end, so an earlier result is replaced only by a complete new one (and kept when
-    no pair survives or a step fails).
+    Ray must be initialised by the caller (``pipeline.common.ray_runtime.ray_session``). Outputs are
+    built in a staging folder beside ``out_dir`` (``pipeline.common.atomic_io.staging_dir``) that
+    replaces it as a whole at the end, so an earlier result is replaced only by a complete new one
+    (and kept when no pair survives or a step fails). The alignment report goes to
+    ``options.report_dir`` when set (written after the outputs), else into ``out_dir``.
 
     Args:
         ir_dir, vi_dir: folders of IR and visible images paired by stem.
@@ -417,11 +279,12 @@ def register_dataset(
         rows.append(row)
 
     staging = staging_dir(out)
+    report_dir = Path(options.report_dir) if options.report_dir else None
     try:
         for sub in ("ir", "vi"):
             (staging / sub).mkdir()
         if pairs:
-            configure_data_context()  # our own bar counts pairs
+            configure_data_context()
             items = [{"pair_id": p.stem, "ir": str(p.ir.resolve()), "vi": str(p.vi.resolve())} for p in pairs]
             ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)).map(
                 _map_row, fn_kwargs={"out_dir": str(staging.resolve()), "options": asdict(options)}, num_cpus=1
@@ -431,7 +294,7 @@ def register_dataset(
                     rows.append(json.loads(result["record"]))
                     bar.update(1)
         rows.sort(key=lambda r: r["pair_id"])
-        summary = _summarise(rows, len(pairs) + len(unmatched), str(out))
+        summary = _summarise(rows, len(pairs) + len(unmatched), options, str(out), str(report_dir or out))
         if summary.accepted == 0:
             raise NoPairsError(_no_pairs_message(rows, ir_dir, vi_dir))
         _write_manifest(rows, staging / "manifest.parquet")
@@ -441,23 +304,33 @@ def register_dataset(
             if r["status"] != "ok"
         ]
         write_json(staging / "rejected.json", rejected)
+        if report_dir is None:
+            write_report(rows, staging, options)
         replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if report_dir is not None:
+        write_report(rows, report_dir, options, written_dir=out)
     return summary
 
 
-def _summarise(rows: list[dict[str, Any]], found: int, out_dir: str) -> RegisterSummary:
+def _summarise(
+    rows: list[dict[str, Any]], found: int, options: AlignOptions, out_dir: str, report_dir: str
+) -> RegisterSummary:
     ok = [r for r in rows if r["status"] == "ok"]
     codes = Counter(str(r["reason"]).split(":", 1)[0] for r in rows if r["status"] != "ok")
+    refused = Counter(str(r["align_reason"]).split(":", 1)[0] for r in ok if r["confident"] is False)
     return RegisterSummary(
         found=found,
         accepted=len(ok),
+        align=options.align,
+        confident=sum(r["confident"] is True for r in ok),
         corrected=sum(bool(r["corrected"]) for r in ok),
-        align_failed=sum(r["align_error"] is not None for r in ok),
+        refused=dict(sorted(refused.items())),
         rejected=dict(sorted(codes.items())),
         out_dir=out_dir,
+        report_dir=report_dir,
     )
 
 
@@ -468,6 +341,127 @@ def _no_pairs_message(rows: list[dict[str, Any]], ir_dir: str | Path, vi_dir: st
 
 
 def _write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=manifest_schema())
     with atomic_writer(path, "wb") as fh:
         pq.write_table(table, fh)
+
+
+# --------------------------------------------------------------------------------------------------
+# alignment report
+# --------------------------------------------------------------------------------------------------
+
+
+def alignment_metrics(rows: list[dict[str, Any]], options: AlignOptions) -> dict[str, Any]:
+    """The DVC metric of a run: pairs checked, confident, corrected, refused (by code), and the median
+    and max displacement (``shift_px``) of the confident estimates (0 when there is none)."""
+    checked = [r for r in rows if r["status"] == "ok" and r["confident"] is not None]
+    shifts = [float(r["shift_px"]) for r in checked if r["confident"]]
+    refused = Counter(str(r["align_reason"]).split(":", 1)[0] for r in checked if not r["confident"])
+    return {
+        "align": options.align,
+        "pairs_checked": len(checked),
+        "confident": len(shifts),
+        "corrected": sum(bool(r["corrected"]) for r in checked),
+        "refused": {code: refused.get(code, 0) for code in align.REFUSALS},
+        "median_shift_px": round(float(np.median(shifts)), 3) if shifts else 0.0,
+        "max_shift_px": round(float(np.max(shifts)), 3) if shifts else 0.0,
+    }
+
+
+def flagged_pairs(rows: list[dict[str, Any]], options: AlignOptions) -> list[dict[str, Any]]:
+    """The pairs a person should look at, worst first: confident estimates of at least
+    ``min_correction_px`` by displacement, then refused estimates by ECC displacement."""
+    checked = [r for r in rows if r["status"] == "ok" and r["confident"] is not None]
+    moved = [r for r in checked if r["confident"] and r["shift_px"] >= options.min_correction_px]
+    refused = [r for r in checked if not r["confident"]]
+    by_shift = lambda r: -float(r["shift_px"] or 0.0)  # noqa: E731
+    return (sorted(moved, key=by_shift) + sorted(refused, key=by_shift))[: options.report_pairs]
+
+
+def write_report(
+    rows: list[dict[str, Any]], report_dir: str | Path, options: AlignOptions, written_dir: str | Path | None = None
+) -> None:
+    """Write ``alignment.json`` (:func:`alignment_metrics`) and ``alignment.png`` (edge overlays of
+    :func:`flagged_pairs`; a blank note when there is none) into ``report_dir``.
+
+    Args:
+        rows: manifest rows of the run.
+        report_dir: folder (created).
+        options: the run's settings.
+        written_dir: folder of the written ``vi/<pair_id>.png`` (default: ``report_dir``).
+    """
+    folder = Path(report_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / REPORT_METRICS, alignment_metrics(rows, options))
+    picture = overlay_sheet(flagged_pairs(rows, options), Path(written_dir or folder))
+    ok, data = cv2.imencode(".png", picture)
+    if not ok:
+        raise ValueError(f"{folder / REPORT_PICTURE}: PNG encoding failed")
+    with atomic_writer(folder / REPORT_PICTURE, "wb") as fh:
+        fh.write(data.tobytes())
+
+
+_TILE_WIDTH = 320
+_IR_COLOUR = np.array([255, 0, 255], np.uint8)  # BGR magenta
+_VI_COLOUR = np.array([0, 255, 0], np.uint8)  # green; where both edges meet: white
+
+
+def edge_overlay(ir: np.ndarray, vi_y: np.ndarray) -> np.ndarray:
+    """BGR picture of the IR edges (magenta) over the visible edges (green), on the dimmed IR;
+    coinciding edges are white."""
+    def edges(img: np.ndarray) -> np.ndarray:
+        g = align.gradient_magnitude(img)
+        return g > max(1.0, float(np.percentile(g, 93)))
+
+    out = np.repeat((ir.astype(np.float32) * 0.3).astype(np.uint8)[..., None], 3, axis=2)
+    e_ir, e_vi = edges(ir), edges(vi_y)
+    out[e_ir] = _IR_COLOUR
+    out[e_vi] = _VI_COLOUR
+    out[e_ir & e_vi] = 255
+    return out
+
+
+def overlay_sheet(rows: list[dict[str, Any]], written_dir: Path) -> np.ndarray:
+    """One row per pair: the edge overlay as decoded and, for a corrected pair, as written; with the
+    pair id, the estimates and the reason."""
+    tiles: list[np.ndarray] = []
+    for r in rows:
+        ir = read_ir(r["ir_src"])
+        y, _ = split_luma(read_visible(r["vi_src"]))
+        before = edge_overlay(ir, y)
+        if r["corrected"]:
+            after = edge_overlay(ir, split_luma(read_visible(written_dir / "vi" / f"{r['pair_id']}.png"))[0])
+            label_after = "as written (corrected)"
+        else:
+            warp = np.asarray(r["transform"], np.float64).reshape(2, 3)
+            after = edge_overlay(ir, align.warp_visible(y, warp, *ir.shape))
+            label_after = "estimate applied (not written)"
+        ecc = "failed" if r["ecc_shift"] is None else f"({r['ecc_shift'][0]:.1f}, {r['ecc_shift'][1]:.1f})"
+        title = (
+            f"{r['pair_id']}: {str(r['align_reason']).split(':', 1)[0]}  ECC {ecc}  "
+            f"MI ({r['mi_shift'][0]:.1f}, {r['mi_shift'][1]:.1f})  corr {r['align_score'] or 0:.2f}  "
+            f"estimate {r['shift_px']:.1f} px"
+        )
+        tiles.append(_sheet_row(title, [(before, "as decoded"), (after, label_after)]))
+    if not tiles:
+        blank = np.full((60, 2 * _TILE_WIDTH, 3), 255, np.uint8)
+        cv2.putText(blank, "no flagged pair", (10, 38), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 2, cv2.LINE_AA)
+        return blank
+    legend = np.full((28, tiles[0].shape[1], 3), 255, np.uint8)
+    cv2.putText(legend, "IR edges magenta, visible edges green, both white", (8, 20),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([legend, *tiles])
+
+
+def _sheet_row(title: str, panels: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    scaled = []
+    for img, label in panels:
+        h, w = img.shape[:2]
+        tile = cv2.resize(img, (_TILE_WIDTH, max(1, round(h * _TILE_WIDTH / w))), interpolation=cv2.INTER_AREA)
+        cv2.putText(tile, label, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        scaled.append(tile)
+    height = max(t.shape[0] for t in scaled)
+    scaled = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0))) for t in scaled]
+    header = np.full((26, _TILE_WIDTH * len(panels), 3), 255, np.uint8)
+    cv2.putText(header, title[:100], (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([header, np.hstack(scaled)])

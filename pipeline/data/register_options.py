@@ -1,7 +1,7 @@
 """Settings of the register step (the ``register`` section of ``params.yaml``).
 
-Kept apart from ``pipeline.data.register`` so that reading the defaults (``mda --help``, parameter
-validation) imports no image or array library.
+Kept apart from ``pipeline.data.register`` and ``pipeline.data.align`` so that reading the defaults
+(``mda --help``, parameter validation) imports no image or array library.
 """
 
 from __future__ import annotations
@@ -11,39 +11,53 @@ from typing import Any, Mapping
 
 from pipeline.common.config import read_settings, setting
 
-#: Motion models of the alignment check, simplest first (``pipeline.data.register.MOTIONS`` maps
-#: them to OpenCV's ECC motion types).
-MOTION_NAMES: tuple[str, ...] = ("translation", "euclidean", "affine")
+#: What the step does with the alignment of each accepted pair (``register.align``):
+#: ``off`` does not estimate it; ``check`` estimates and records it and writes the decoded images
+#: unchanged; ``correct`` also warps the visible image of a *confident* pair onto the IR frame.
+ALIGN_MODES: tuple[str, ...] = ("off", "check", "correct")
 
 
 @dataclass(frozen=True)
 class AlignOptions:
     """Settings of the alignment check (the ``register`` section of ``params.yaml``).
 
+    The confidence thresholds were chosen from measurements on the real TNO, RoadScene and MSRS
+    pairs (README, "Registration").
+
     Attributes:
-        motion: ``translation``, ``euclidean`` or ``affine``.
-        max_shift_px: correct a pair when its estimated displacement exceeds this (pixels).
-        max_correction_px: a larger estimated displacement is implausible: recorded as a failure.
-        max_size: longest side of the finest ECC level (pixels); larger images are downscaled.
-        levels: pyramid levels (coarsest side kept >= 64 px).
+        align: ``off``, ``check`` or ``correct`` (see :data:`ALIGN_MODES`).
+        search_px: plausibility bound: largest offset (per axis, pixels) that may be corrected;
+            also the radius of the mutual-information search.
+        min_score: least gradient correlation of the ECC estimate for it to count as evidence.
+        max_disagreement_px: largest per-axis difference between the ECC and MI shifts.
+        min_correction_px: ``correct`` leaves a confident pair alone when its displacement is
+            smaller than this (resampling would blur more than it fixes).
+        max_rotation_deg: largest rotation ``correct`` applies; a larger tile fit is not used.
+        max_size: longest side of the images the estimates run on (larger pairs are downscaled).
         max_iterations: ECC iterations per level.
         eps: ECC convergence threshold (increment of the correlation coefficient).
+        report_dir: folder of the alignment report (``alignment.json``, ``alignment.png``);
+            empty: the output folder itself.
+        report_pairs: how many flagged pairs the picture shows.
     """
 
-    motion: str = setting("euclidean", str, choices=list(MOTION_NAMES))
-    max_shift_px: float = setting(1.0, float, minimum=0.0)
-    max_correction_px: float = setting(40.0, float, minimum=0.0)
-    max_size: int = setting(640, int, minimum=32)
-    levels: int = setting(3, int, minimum=1, maximum=6)
+    align: str = setting("check", str, choices=list(ALIGN_MODES))
+    search_px: float = setting(12.0, float, minimum=1.0)
+    min_score: float = setting(0.15, float, minimum=0.0, maximum=1.0)
+    max_disagreement_px: float = setting(1.5, float, minimum=0.0)
+    min_correction_px: float = setting(0.25, float, minimum=0.0)
+    max_rotation_deg: float = setting(2.0, float, minimum=0.0)
+    max_size: int = setting(640, int, minimum=64)
     max_iterations: int = setting(100, int, minimum=1)
     eps: float = setting(1e-5, float, minimum=0.0)
+    report_dir: str = setting("", str)
+    report_pairs: int = setting(6, int, minimum=0)
 
     def __post_init__(self) -> None:
-        if self.motion not in MOTION_NAMES:
-            raise ValueError(f"register.motion must be one of {list(MOTION_NAMES)}, got {self.motion!r}")
+        if self.align not in ALIGN_MODES:
+            raise ValueError(f"register.align must be one of {list(ALIGN_MODES)}, got {self.align!r}")
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any]) -> "AlignOptions":
-        """Read the options from the ``register`` section (missing keys take the defaults;
-        ``raw_dir`` is the stage's input folder, read by ``dvc.yaml``)."""
+        """Read the ``register`` section (``raw_dir`` is the stage's input folder, read by ``dvc.yaml``)."""
         return read_settings(cls, cfg, "register", ignore=("raw_dir",))

@@ -1,8 +1,10 @@
-"""Tests of the register step: alignment accuracy on real data, validation, outputs, CLI."""
+"""Tests of the register step: modes (off/check/correct) on real pairs, validation, outputs, report, CLI."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,112 +12,125 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import shared_dataset
+from pipeline.data import align
+from pipeline.data.contracts import read_accepted_pairs
 from pipeline.data.demo import generate_demo, synth_pair
-from pipeline.data.images import read_ir, read_visible, split_luma, write_image
-from pipeline.data.contracts import MANIFEST_SCHEMA
+from pipeline.data.images import read_ir, read_visible, write_image
 from pipeline.data.register import (
-    AlignOptions,
+    REPORT_METRICS,
+    REPORT_PICTURE,
     NoPairsError,
-    displacement_px,
-    estimate_alignment,
+    manifest_schema,
     register_dataset,
     register_pair,
-    warp_visible,
 )
+from pipeline.data.register_options import AlignOptions
 
 
-def _h(m: np.ndarray) -> np.ndarray:
-    return np.vstack([m, [0.0, 0.0, 1.0]])
-
-
-def _known(h: int, w: int, dx: float, dy: float, deg: float) -> np.ndarray:
-    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), deg, 1.0)
-    m[:, 2] += (dx, dy)
-    return m
-
-
-def _real_pair(name: str, stem: str, ext: str):
+def _link_pairs(raw: Path, name: str, stems: list[str], prefix: str = "") -> None:
+    """Symlink real pairs of ``../shared/data/<name>`` into ``raw/{ir,vi}`` (nothing is copied)."""
     root = shared_dataset(name)
-    return read_ir(root / "ir" / f"{stem}{ext}"), read_visible(root / "vi" / f"{stem}{ext}")
+    for stem in stems:
+        for sub in ("ir", "vi"):
+            src = next((root / sub).glob(f"{stem}.*"))
+            (raw / sub).mkdir(parents=True, exist_ok=True)
+            os.symlink(src.resolve(), raw / sub / f"{prefix}{src.name}")
 
 
-@pytest.mark.parametrize("name,stem,ext", [("RoadScene", "FLIR_00018", ".jpg"), ("RoadScene", "FLIR_00233", ".jpg")])
-def test_recovers_known_shift_and_rotation(name, stem, ext):
-    ir, vi = _real_pair(name, stem, ext)
+def _manifest(out: Path) -> dict[str, dict]:
+    return {r["pair_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+
+
+def _same_as_decoded(out: Path, raw: Path, pair_id: str) -> bool:
+    ir_src = next((raw / "ir").glob(f"{pair_id}.*"))
+    vi_src = next((raw / "vi").glob(f"{pair_id}.*"))
+    return np.array_equal(read_ir(out / "ir" / f"{pair_id}.png"), read_ir(ir_src)) and np.array_equal(
+        read_visible(out / "vi" / f"{pair_id}.png"), read_visible(vi_src)
+    )
+
+
+def test_default_check_moves_no_tno_pair(tmp_path, ray_local):
+    """Defaults (``align: check``) on TNO's 42 pairs: every pair checked, none moved, every written
+    image pixel-identical to the decoded source; the metric and the picture are written."""
+    root = shared_dataset("TNO")
+    summary = register_dataset(root / "ir", root / "vi", tmp_path / "out", progress=False)
+    assert summary.accepted == 42 and summary.corrected == 0 and summary.align == "check"
+    rows = _manifest(tmp_path / "out")
+    assert all(r["align_mode"] == "check" and not r["corrected"] and r["confident"] is not None for r in rows.values())
+    for pair_id in rows:
+        assert _same_as_decoded(tmp_path / "out", root, pair_id), pair_id
+    metrics = json.loads((tmp_path / "out" / REPORT_METRICS).read_text())
+    assert metrics["pairs_checked"] == 42 and metrics["corrected"] == 0
+    assert metrics["confident"] + sum(metrics["refused"].values()) == 42
+    assert 0 < metrics["median_shift_px"] <= metrics["max_shift_px"] <= AlignOptions().search_px * 2
+    assert cv2.imread(str(tmp_path / "out" / REPORT_PICTURE)).shape[1] > 0
+    # the known real offsets: TNO 12 agreed (recorded, not applied), TNO 01 refused
+    assert rows["12"]["confident"] and rows["12"]["align_reason"].startswith("agree:")
+    assert not rows["01"]["confident"] and rows["01"]["align_error"] == rows["01"]["align_reason"]
+
+
+def test_correct_moves_only_confident_pairs(tmp_path, ray_local):
+    """``correct``: a real pair with a known shift is put back; refused pairs (night MSRS, TNO 01
+    whose estimates disagree, two unrelated images) keep their decoded pixels."""
+    raw = tmp_path / "raw"
+    _link_pairs(raw, "MSRS", ["00009N"])
+    _link_pairs(raw, "TNO", ["01"])
+    tno = shared_dataset("TNO")
+    ir, vi = read_ir(tno / "ir/08.png"), read_visible(tno / "vi/08.png")
     h, w = ir.shape
-    y, _ = split_luma(vi)
-    base = estimate_alignment(ir, y)  # the pair's own residual misalignment (a few px at most)
-    assert base.error is None and base.shift_px < 5
-    k = _known(h, w, 3.5, -2.25, 1.0)  # warped(x) = vi(k x)
-    warped = warp_visible(vi, k, h, w)
-    est = estimate_alignment(ir, split_luma(warped)[0])
-    assert est.error is None
-    truth = np.linalg.inv(_h(k)) @ _h(base.warp)  # warped(truth x) = vi(base x)
-    err = displacement_px((np.linalg.inv(truth) @ _h(est.warp))[:2], h, w)
-    assert err < 0.5, f"transform error {err:.2f} px over corners/centre"
-    # correcting with the estimate gives a pair that re-registers to (near) identity
-    again = estimate_alignment(ir, split_luma(warp_visible(warped, est.warp, h, w))[0])
-    assert again.shift_px < 0.5
+    shift = np.array([[1.0, 0.0, -4.0], [0.0, 1.0, 6.0]])  # moved(x) = vi(x - 4, y + 6)
+    write_image(raw / "ir" / "moved08.png", ir)
+    write_image(raw / "vi" / "moved08.png", align.warp_visible(vi, shift, h, w))
+    write_image(raw / "ir" / "unrelated.png", ir)
+    write_image(raw / "vi" / "unrelated.png", cv2.resize(read_visible(tno / "vi/42.png"), (w, h)))
+    options = AlignOptions(align="correct", report_dir=str(tmp_path / "report"))
+    summary = register_dataset(raw / "ir", raw / "vi", tmp_path / "out", options, progress=False)
+    rows = _manifest(tmp_path / "out")
+    moved = rows["moved08"]
+    assert moved["corrected"] and moved["confident"] and summary.corrected == 1
+    # the applied warp undoes the known shift up to the pair's own small offset (TNO 08: ~0.5 px)
+    undone = align.apply_warp(np.asarray(moved["transform"]).reshape(2, 3), [[w / 2, h / 2]]) - [[w / 2, h / 2]]
+    assert np.allclose(undone, [[4.0, -6.0]], atol=1.0)
+    for pair_id in ("00009N", "01", "unrelated"):
+        assert not rows[pair_id]["confident"] and not rows[pair_id]["corrected"], rows[pair_id]["align_reason"]
+        assert rows[pair_id]["align_reason"].split(":")[0] in align.REFUSALS
+        assert _same_as_decoded(tmp_path / "out", raw, pair_id)
+    metrics = json.loads((tmp_path / "report" / REPORT_METRICS).read_text())
+    assert (metrics["pairs_checked"], metrics["confident"], metrics["corrected"]) == (4, 1, 1)
+    picture = cv2.imread(str(tmp_path / "report" / REPORT_PICTURE))
+    assert picture is not None and picture.shape[0] > 4 * 26  # legend + one row per flagged pair
+    assert not (tmp_path / "out" / REPORT_METRICS).exists()
 
 
-def test_aligned_demo_pair_gives_identity_and_is_left_unchanged(tmp_path):
-    generate_demo(tmp_path / "raw", num_pairs=2, height=160, width=224, seed=2024)
-    for stem in ("demo_000", "demo_001"):
-        row = register_pair(stem, tmp_path / "raw/ir" / f"{stem}.png", tmp_path / "raw/vi" / f"{stem}.png",
-                            tmp_path / "out", AlignOptions())
-        assert row["status"] == "ok" and not row["corrected"] and row["shift_px"] < 1.0
-        for sub, reader in (("ir", read_ir), ("vi", read_visible)):
-            src, out = reader(tmp_path / "raw" / sub / f"{stem}.png"), reader(tmp_path / "out" / sub / f"{stem}.png")
-            assert np.array_equal(src, out)
-
-
-def test_misaligned_demo_pair_is_corrected(tmp_path):
-    p = synth_pair(2024, 1, 160, 224)
-    h, w = p.ir.shape
-    k = _known(h, w, 3.5, -2.25, 0.0)
-    write_image(tmp_path / "ir.png", p.ir)
-    write_image(tmp_path / "vi.png", warp_visible(p.vi, k, h, w))
-    row = register_pair("x", tmp_path / "ir.png", tmp_path / "vi.png", tmp_path / "out", AlignOptions())
-    assert row["corrected"] and row["align_error"] is None
-    err = displacement_px((_h(k) @ _h(np.reshape(row["transform"], (2, 3))))[:2], h, w)
-    assert err < 1.0
-    fixed = read_visible(tmp_path / "out/vi/x.png")
-    inner = (slice(10, -10), slice(10, -10))
-    assert fixed.shape == p.vi.shape
-    assert np.abs(fixed[inner].astype(int) - p.vi[inner]).mean() < np.abs(
-        read_visible(tmp_path / "vi.png")[inner].astype(int) - p.vi[inner]).mean() / 2
-
-
-def test_implausible_estimate_leaves_pair_unchanged(tmp_path):
-    p = synth_pair(2024, 1, 160, 224)
-    h, w = p.ir.shape
-    write_image(tmp_path / "ir.png", p.ir)
-    shifted = warp_visible(p.vi, _known(h, w, 4.0, 0.0, 0.0), h, w)
-    write_image(tmp_path / "vi.png", shifted)
-    row = register_pair("x", tmp_path / "ir.png", tmp_path / "vi.png", tmp_path / "out",
-                        AlignOptions(max_correction_px=2.0))
-    assert row["status"] == "ok" and not row["corrected"] and "max_correction_px" in row["align_error"]
-    assert np.array_equal(read_visible(tmp_path / "out/vi/x.png"), shifted)
+def test_off_skips_the_estimate_and_readers_still_work(tmp_path):
+    generate_demo(tmp_path / "raw", num_pairs=1, height=96, width=128, seed=3)
+    row = register_pair("demo_000", tmp_path / "raw/ir/demo_000.png", tmp_path / "raw/vi/demo_000.png",
+                        tmp_path / "out", AlignOptions(align="off"))
+    assert row["status"] == "ok" and row["align_mode"] == "off"
+    assert row["confident"] is None and row["transform"] is None and not row["corrected"]
+    assert _same_as_decoded(tmp_path / "out", tmp_path / "raw", "demo_000")
 
 
 def test_align_options_from_params():
     from pipeline.common.config import ParamsError
 
-    assert AlignOptions.from_params({"motion": "affine", "max_shift_px": 2}).max_shift_px == 2.0
-    with pytest.raises(ParamsError, match="register.motion"):
-        AlignOptions.from_params({"motion": "homography"})
-    with pytest.raises(ParamsError, match="register.max_shift_px"):
-        AlignOptions.from_params({"max_shift_px": -1})
+    assert AlignOptions.from_params({"align": "correct", "search_px": 8}).search_px == 8.0
+    assert AlignOptions.from_params({"raw_dir": "x"}) == AlignOptions()
+    for cfg, key in (({"align": "fix"}, "register.align"), ({"min_score": 2}, "register.min_score"),
+                     ({"max_disagreement_px": -1}, "register.max_disagreement_px"), ({"motion": "affine"}, "register.motion")):
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            AlignOptions.from_params(cfg)
+    with pytest.raises(ValueError, match="register.align"):
+        AlignOptions(align="fix")
 
 
-def _bad_inputs(root):
+def _bad_inputs(root: Path) -> dict[str, str]:
     """One good pair and one pair per rejection reason."""
     p = synth_pair(5, 0, 64, 80)
     ir, vi = root / "ir", root / "vi"
     write_image(ir / "good.png", p.ir)
     write_image(vi / "good.png", p.vi)
     write_image(ir / "corrupt.png", p.ir)
-    (vi).mkdir(parents=True, exist_ok=True)
     (vi / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     write_image(ir / "size.png", p.ir)
     write_image(vi / "size.jpg", p.vi[:, :70])
@@ -140,12 +155,14 @@ def test_each_rejection_reason(tmp_path, ray_local):
     assert summary.rejected == {"constant_image": 2, "missing_partner": 2, "size_mismatch": 1,
                                 "unreadable": 1, "unsupported_format": 1}
     table = pq.read_table(tmp_path / "out/manifest.parquet")
-    assert table.schema.equals(MANIFEST_SCHEMA)
+    assert table.schema.equals(manifest_schema())
     rows = {r["pair_id"]: r for r in table.to_pylist()}
     assert rows["good"]["status"] == "ok" and rows["good"]["reason"] is None
     assert len(rows["good"]["transform"]) == 6 and rows["good"]["vi_channels"] == 3
     for stem, code in expected.items():
         assert rows[stem]["status"] == "rejected" and rows[stem]["reason"].startswith(code + ":"), rows[stem]
+        assert rows[stem]["align_mode"] is None and rows[stem]["confident"] is None
+    assert read_accepted_pairs(tmp_path / "out") == [{"pair_id": "good", "height": 64, "width": 80}]
     rejected = {r["pair_id"]: r for r in json.loads((tmp_path / "out/rejected.json").read_text())}
     assert set(rejected) == set(expected)
     assert "corrupt.png" in rejected["corrupt"]["reason"] and rejected["lonely_ir"]["vi"] is None
@@ -177,28 +194,24 @@ def test_empty_and_missing_folders(tmp_path, ray_local):
         register_dataset(tmp_path / "nope", tmp_path / "vi", tmp_path / "out", progress=False)
 
 
-def test_real_pairs_and_demo_through_cli_and_stage(tmp_path, ray_local, capsys):
+def test_cli_and_stage(tmp_path, ray_local, capsys):
     from pipeline.cli import main
     from stages.register import main as stage_main
 
     raw = tmp_path / "raw"
-    for name, stems in (("TNO", ["01.png", "06.png"]), ("RoadScene", ["FLIR_00018.jpg", "FLIR_00060.jpg"])):
-        root = shared_dataset(name)
-        for s in stems:
-            for sub in ("ir", "vi"):
-                (raw / sub).mkdir(parents=True, exist_ok=True)
-                (raw / sub / f"{name}_{s}").write_bytes((root / sub / s).read_bytes())
-    generate_demo(raw, num_pairs=2, height=160, width=224, seed=2024)  # the default demo
-    assert main(["register", "--ir", str(raw / "ir"), "--vi", str(raw / "vi"), "-o", str(tmp_path / "out")]) == 0
+    _link_pairs(raw, "RoadScene", ["FLIR_00018", "FLIR_04302"])
+    generate_demo(raw, num_pairs=1, height=160, width=224, seed=2024)
+    assert main(["register", "--ir", str(raw / "ir"), "--vi", str(raw / "vi"), "-o", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "6 pairs found, 6 accepted" in out
-    rows = {r["pair_id"]: r for r in pq.read_table(tmp_path / "out/manifest.parquet").to_pylist()}
-    assert rows["TNO_01"]["vi_channels"] == 1 and rows["RoadScene_FLIR_00018"]["vi_channels"] == 3
-    # TNO pair 01 is visibly misaligned (~8-11 px, checked by eye on edge overlays): corrected
-    assert rows["TNO_01"]["corrected"] and rows["TNO_01"]["shift_px"] > 5
-    assert not rows["demo_000"]["corrected"]
-    vi = read_visible(tmp_path / "out/vi/RoadScene_FLIR_00018.png")
-    assert vi.shape == read_ir(tmp_path / "out/ir/RoadScene_FLIR_00018.png").shape + (3,)
+    assert "3 pairs found, 3 accepted" in out and "alignment (check)" in out and "0 corrected" in out
+    rows = _manifest(tmp_path / "out")
+    assert rows["FLIR_00018"]["vi_channels"] == 3 and all(r["align_mode"] == "check" for r in rows.values())
+    assert (tmp_path / "out" / REPORT_METRICS).is_file()
+    assert main(["register", "--ir", str(raw / "ir"), "--vi", str(raw / "vi"), "-o", str(tmp_path / "off"),
+                 "--align", "off", "--report", str(tmp_path / "rep"), "--no-progress"]) == 0
+    assert "not checked" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rep" / REPORT_METRICS).read_text())["pairs_checked"] == 0
     # CLI: no pair survives -> exit 1 with a one-line error
     (tmp_path / "bad/ir").mkdir(parents=True)
     (tmp_path / "bad/vi").mkdir()
@@ -207,13 +220,15 @@ def test_real_pairs_and_demo_through_cli_and_stage(tmp_path, ray_local, capsys):
     assert main(["register", "--ir", str(tmp_path / "bad/ir"), "--vi", str(tmp_path / "bad/vi"),
                  "-o", str(tmp_path / "bad/out"), "--no-progress"]) == 1
     assert "constant_image" in capsys.readouterr().err
-    # stage script: raw folder from params
+    # stage script: raw folder and mode from params, report outside the output folder
     params = tmp_path / "params.yaml"
-    params.write_text(f"ray: {{}}\nregister:\n  raw_dir: {raw}\n  motion: translation\n")
+    params.write_text(f"ray: {{}}\nregister:\n  raw_dir: {raw}\n  align: correct\n  report_dir: {tmp_path / 'reports'}\n")
     assert stage_main(["--params", str(params), "--out", str(tmp_path / "stage"), "--no-progress"]) == 0
-    assert len(list((tmp_path / "stage/ir").iterdir())) == 6
-    params.write_text(f"ray: {{}}\nregister:\n  raw_dir: {tmp_path / 'bad'}\n")
+    assert all(r["align_mode"] == "correct" for r in _manifest(tmp_path / "stage").values())
+    assert (tmp_path / "reports" / REPORT_METRICS).is_file() and (tmp_path / "reports" / REPORT_PICTURE).is_file()
+    params.write_text(f"ray: {{}}\nregister:\n  raw_dir: {raw}\n  motion: euclidean\n")
     assert stage_main(["--params", str(params), "--out", str(tmp_path / "stage2"), "--no-progress"]) == 1
+    assert "register.motion" in capsys.readouterr().err
 
 
 def test_register_refuses_to_replace_a_foreign_folder(tmp_path):
