@@ -102,9 +102,11 @@ def tiny_params(tmp: Path, **train: Any) -> dict[str, Any]:
 
 
 def train_paths(inputs: dict[str, Path], out: Path):
-    """``TrainPaths`` for generated inputs, outputs under ``out``."""
+    """``TrainPaths`` for generated inputs, outputs under ``out`` (created: it is also the root of
+    the default sqlite MLflow store, whose folder must exist, as the repository root does)."""
     from pipeline.train.runs import TrainPaths
 
+    Path(out).mkdir(parents=True, exist_ok=True)
     return TrainPaths(
         patches_dir=inputs["patches"], registered_dir=inputs["registered"], split_json=inputs["split"],
         images_parquet=inputs["images"], best_checkpoint=out / "models" / "best.pt",
