@@ -95,7 +95,7 @@ def tiny_params(tmp: Path, **train: Any) -> dict[str, Any]:
     cfg = dict(params.get("train") or {})
     cfg.update(epochs=2, batch_size=4, num_workers=1, max_train_patches=None, warmup_steps=2,
                storage_path=str(tmp / "ray_results"), log_every_steps=1, val_max_pairs=2, val_samples=1,
-               keep_checkpoints=2, max_failures=0)
+               keep_checkpoints=2, max_failures=0, init_weights=None)
     cfg.update(train)
     params["train"] = cfg
     return params

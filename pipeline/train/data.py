@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -120,16 +120,51 @@ class PatchCollate:
         return _Collate(device, sample_weights)
 
 
-def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sample_weights: str = "image"):
+def select_train_rows(files: Sequence[Path], max_patches: int, seed: int) -> set[tuple[str, int, int]] | None:
+    """A seeded uniform random subset of ``max_patches`` training rows, as ``(pair_id, y, x)`` keys
+    (unique per patch); ``None`` when there are no more training rows than that (keep all).
+
+    Reads only the key columns (pyarrow, no Ray). The same files and seed give the same subset.
+    """
+    import pyarrow.parquet as pq
+
+    keys: list[tuple[str, int, int]] = []
+    for f in files:
+        t = pq.read_table(f, columns=["pair_id", "y", "x", "split"]).to_pydict()
+        keys += [(p, int(y), int(x)) for p, y, x, sp in zip(t["pair_id"], t["y"], t["x"], t["split"]) if sp == "train"]
+    if len(keys) <= max_patches:
+        return None
+    pick = np.random.default_rng(seed).choice(len(keys), size=max_patches, replace=False)
+    return {keys[i] for i in pick}
+
+
+class _KeepRows:
+    """Ray Data batch filter: keep the rows whose ``(pair_id, y, x)`` is in ``keep``."""
+
+    def __init__(self, keep: set[tuple[str, int, int]]) -> None:
+        self.keep = keep
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        cols = batch.select(["pair_id", "y", "x"]).to_pydict()
+        mask = [(p, int(y), int(x)) in self.keep for p, y, x in zip(cols["pair_id"], cols["y"], cols["x"])]
+        return batch.filter(pa.array(mask, type=pa.bool_()))
+
+
+def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sample_weights: str = "image",
+                  seed: int = 0):
     """Ray Dataset of the training patches (``split == "train"``) of the stats stage.
 
     Sets the driver's Ray Data context with ``pipeline.common.ray_runtime.configure_data_context`` (order
-    preserved), so that ``limit`` keeps the first rows in file order and ``materialize`` stores
-    them in that order.
+    preserved), so that the subset and ``materialize`` keep file order (deterministic epochs).
 
     Args:
         patches_dir: folder of ``part-*.parquet`` with the patch and weight columns.
-        max_patches: keep only the first N training rows (file order), ``None``: all.
+        max_patches: keep a seeded uniform random subset of N training rows
+            (:func:`select_train_rows`; not the first N in file order, which would favour the first
+            pairs), ``None``: all.
+        seed: seed of that subset (``train.seed``).
         sample_weights: which weight columns to read (``weight_columns``).
 
     Returns:
@@ -150,11 +185,13 @@ def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sampl
         raise ValueError(f"{files[0]}: lacks column(s) {missing} needed with train.sample_weights={sample_weights} "
                          "(run the stats stage: dvc repro stats)")
     configure_data_context()
-    ds = ray.data.read_parquet([str(f) for f in files], columns=columns + ["split"])
-    ds = ds.filter(expr="split == 'train'").select_columns(columns)
-    if max_patches is not None:
-        ds = ds.limit(max_patches)
-    return ds
+    keep = select_train_rows(files, max_patches, seed) if max_patches is not None else None
+    extra = [c for c in ("split", "y", "x", "pair_id") if c not in columns]
+    ds = ray.data.read_parquet([str(f) for f in files], columns=columns + extra)
+    ds = ds.filter(expr="split == 'train'")
+    if keep is not None:
+        ds = ds.map_batches(_KeepRows(keep), batch_format="pyarrow", batch_size=None)
+    return ds.select_columns(columns)
 
 
 def count_train_patches(patches_dir: str | Path) -> int:

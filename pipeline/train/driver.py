@@ -50,7 +50,7 @@ from pipeline.train.runs import (
     default_run_name,
     resumable_epochs,
 )
-from pipeline.train.settings import TrainSettings, check_run_name, scaling_config
+from pipeline.train.settings import TrainSettings, check_run_name, init_weights_digest, scaling_config
 from pipeline.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     root = Path(paths.root).resolve()
     config = _worker_config(params, settings, paths)  # inputs checked before Ray starts
     explicit = check_run_name(run_name, "run_name (--run-name)") or settings.run_name
-    config_id = default_run_name(params, data_digest(paths.patches_dir))
+    config_id = default_run_name(params, data_digest(paths.patches_dir) + init_weights_digest(settings.init_weights))
     name = explicit or config_id
     storage = Path(settings.storage_path)
     storage = storage if storage.is_absolute() else root / storage
@@ -144,8 +144,12 @@ def _worker_config(params: Mapping[str, Any], settings: TrainSettings, paths: Tr
             f"{paths.patches_dir}: {n_train} training patches are fewer than train.batch_size "
             f"({settings.batch_size}) x train.num_workers ({settings.num_workers})"
         )
+    init = settings.init_weights
+    if init is not None and not Path(init).is_file():
+        raise FileNotFoundError(f"train.init_weights: {init} not found")
     return {"settings": asdict(settings), "model_name": model_name, "model_args": model_args, "loss": loss_cfg,
-            "val": val_kwargs, "steps_per_epoch": steps_per_epoch}
+            "val": val_kwargs, "steps_per_epoch": steps_per_epoch,
+            "init_weights": str(Path(init).resolve()) if init is not None else None}
 
 
 def _run_config(params: Mapping[str, Any], settings: TrainSettings, name: str, storage: Path) -> RunConfig:
@@ -168,7 +172,7 @@ def _trainer(params: Mapping[str, Any], settings: TrainSettings, paths: TrainPat
              run_config: RunConfig, resources: Mapping[str, float]) -> TorchTrainer:
     """The ``TorchTrainer`` over the patch table (inside the Ray session: the dataset is created here)."""
     # ordered driver DataContext (set by train_dataset): limit() and materialize() keep file order
-    dataset = train_dataset(paths.patches_dir, settings.max_train_patches, settings.sample_weights)
+    dataset = train_dataset(paths.patches_dir, settings.max_train_patches, settings.sample_weights, seed=settings.seed)
     if settings.materialize:  # read + filter once; epochs then iterate over the object store
         dataset = dataset.materialize()
     return TorchTrainer(

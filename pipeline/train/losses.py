@@ -25,6 +25,22 @@ Terms (each returned separately, before its global weight)::
             + w_P (w_I patch_intensity + w_S patch_ssim + w_G patch_gradient)
             + w_style style + w_feat feature
 
+Targets of the intensity and gradient terms (``loss.intensity.target``, ``loss.gradient.target``;
+our extension of the paper, issue 10). ``blend`` is the paper: the target is the adaptive weighted
+combination above, so the best the loss can ask for is a locally weighted average, and an edge
+present in one input only is asked for at that input's weight. ``max`` asks for the elementwise
+maximum of the inputs' intensities / gradient magnitudes (as SeAFusion and CDDFuse train), and the
+adaptive weights still shape the loss as the per-pixel weight of the error (:func:`max_target`)::
+
+    intensity (max) = mean_B mean[ r_int * D(f, max(a, b)) ],  r_int = 2 w_int_a where a >= b, else 2 w_int_b
+    gradient  (max) = mean_B mean[ r_det * |G(f) - max(G(a), G(b))| ],  r_det likewise from G and w_det
+
+(patch level: the same with the per-pixel maps ``m`` in place of ``w``). With weights 0.5/0.5 this
+is the plain max loss; a source the complementary-information statistics favour counts more where
+it supplies the target. ``loss.profile: paper`` selects the paper-faithful loss in one parameter
+(:data:`PAPER_PROFILE`: blend targets, MSE intensity, every term at the paper's weights);
+``loss.profile: ours`` (default) uses the section as written.
+
 Per-pixel weight maps (patch level), from local statistics of each input in a ``k x k`` window
 (``loss.patch.window``; reflect borders) computed in torch: local mean ``mu``, local standard
 deviation ``sigma`` and local RMS Sobel gradient ``g = sqrt(avg(Sx^2 + Sy^2))``::
@@ -156,6 +172,59 @@ def pixel_error(x: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> torch.Te
     if kind == "mse":
         return (x - y) ** 2
     raise ValueError(f"pixel_error: kind must be 'l1' or 'mse', got {kind!r}")
+
+
+TARGETS: tuple[str, ...] = ("blend", "max")
+PROFILES: tuple[str, ...] = ("ours", "paper")
+#: ``loss.profile: paper``: the paper-faithful loss (blend targets, MSE intensity, every term at the
+#: paper's relative weights); these keys override the ``loss:`` section, everything else is kept.
+PAPER_PROFILE: dict[str, Any] = {
+    "intensity": {"weight": 1.0, "kind": "mse", "target": "blend"},
+    "ssim": {"enabled": True, "weight": 1.0},
+    "gradient": {"enabled": True, "weight": 1.0, "target": "blend"},
+    "patch": {"enabled": True, "weight": 2.0},
+    "style": {"enabled": True, "weight": 0.1},
+    "feature": {"enabled": True, "weight": 0.1},
+}
+
+
+def apply_profile(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``loss:`` section with its ``profile`` applied: ``ours`` (default) returns it as written,
+    ``paper`` overrides it with :data:`PAPER_PROFILE`.
+
+    Raises:
+        pipeline.config.ParamsError: an unknown profile.
+    """
+    profile = param(cfg, "profile", str, where="loss", default="ours", choices=PROFILES)
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
+    if profile == "paper":
+        for key, values in PAPER_PROFILE.items():
+            out[key] = {**dict(out.get(key) or {}), **values}
+    return out
+
+
+def max_target(
+    x_a: torch.Tensor, x_b: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target and per-pixel loss weight of a ``max`` term (our extension of the paper).
+
+    The target is the elementwise maximum ``max(x_a, x_b)`` (intensities or gradient magnitudes,
+    as SeAFusion/CDDFuse use); the adaptive weights keep shaping the loss through the weight of
+    each pixel: ``r = 2 w_a`` where ``x_a >= x_b`` (the target comes from source a) and ``2 w_b``
+    elsewhere. With ``w_a = w_b = 0.5`` this is the plain max loss; a source the statistics favour
+    counts more where it supplies the target.
+
+    Args:
+        x_a, x_b: (B, 1, H, W) (or broadcastable) source values.
+        w_a, w_b: weights broadcastable to them (per-sample (B, 1, 1, 1) or per-pixel maps);
+            ``w_a + w_b == 1``.
+
+    Returns:
+        ``(target, r)``, both detached.
+    """
+    with torch.no_grad():
+        from_a = x_a >= x_b
+        return torch.where(from_a, x_a, x_b), 2.0 * torch.where(from_a, w_a, w_b)
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -303,10 +372,12 @@ class FusionLoss(nn.Module):
         *,
         intensity_weight: float = 1.0,
         intensity_kind: str = "mse",
+        intensity_target: str = "blend",
         ssim_enabled: bool = True,
         ssim_weight: float = 1.0,
         gradient_enabled: bool = True,
         gradient_weight: float = 1.0,
+        gradient_target: str = "blend",
         patch_enabled: bool = True,
         patch_weight: float = 2.0,
         patch_window: int = 11,
@@ -326,7 +397,11 @@ class FusionLoss(nn.Module):
             raise ValueError(f"intensity_kind must be 'mse' or 'l1', got {intensity_kind!r}")
         if patch_temperature <= 0:
             raise ValueError(f"patch_temperature must be > 0, got {patch_temperature}")
+        for name, value in (("intensity_target", intensity_target), ("gradient_target", gradient_target)):
+            if value not in TARGETS:
+                raise ValueError(f"{name} must be one of {TARGETS}, got {value!r}")
         self.intensity_kind = intensity_kind
+        self.intensity_target, self.gradient_target = intensity_target, gradient_target
         self.ssim_enabled, self.gradient_enabled = ssim_enabled, gradient_enabled
         self.patch_enabled, self.style_enabled, self.feature_enabled = patch_enabled, style_enabled, feature_enabled
         self.patch_window, self.patch_temperature = patch_window, patch_temperature
@@ -362,9 +437,12 @@ class FusionLoss(nn.Module):
     def from_params(cls, cfg: Mapping[str, Any]) -> "FusionLoss":
         """Build from the ``loss:`` section of ``params.yaml``; ``ParamsError`` names ``loss.<key>``."""
         w = "loss"
+        cfg = apply_profile(cfg)
         kw = dict(
             intensity_weight=param(cfg, "intensity.weight", float, where=w, minimum=0.0),
             intensity_kind=param(cfg, "intensity.kind", str, where=w, choices=("mse", "l1")),
+            intensity_target=param(cfg, "intensity.target", str, where=w, default="blend", choices=TARGETS),
+            gradient_target=param(cfg, "gradient.target", str, where=w, default="blend", choices=TARGETS),
             ssim_enabled=param(cfg, "ssim.enabled", bool, where=w),
             ssim_weight=param(cfg, "ssim.weight", float, where=w, minimum=0.0),
             gradient_enabled=param(cfg, "gradient.enabled", bool, where=w),
@@ -423,11 +501,19 @@ class FusionLoss(nn.Module):
                 mean_weight=self.patch_mean_weight, eps=self.patch_eps,
             )
         # intensity (image and patch level share the error maps)
-        err_a, err_b = pixel_error(f, a, self.intensity_kind), pixel_error(f, b, self.intensity_kind)
-        out["intensity"] = (w["int_ir"] * err_a.mean((1, 2, 3)) + w["int_vi"] * err_b.mean((1, 2, 3))).mean()
-        if maps is not None:
-            m = maps["int"]
-            out["patch_intensity"] = (m[:, :1] * err_a + m[:, 1:] * err_b).mean()
+        if self.intensity_target == "max":
+            target, r = max_target(a, b, col(w["int_ir"]), col(w["int_vi"]))
+            err = pixel_error(f, target, self.intensity_kind)
+            out["intensity"] = (r * err).mean()
+            if maps is not None:
+                m = maps["int"]
+                out["patch_intensity"] = (max_target(a, b, m[:, :1], m[:, 1:])[1] * err).mean()
+        else:
+            err_a, err_b = pixel_error(f, a, self.intensity_kind), pixel_error(f, b, self.intensity_kind)
+            out["intensity"] = (w["int_ir"] * err_a.mean((1, 2, 3)) + w["int_vi"] * err_b.mean((1, 2, 3))).mean()
+            if maps is not None:
+                m = maps["int"]
+                out["patch_intensity"] = (m[:, :1] * err_a + m[:, 1:] * err_b).mean()
         # SSIM structure (one SSIM call for both sources)
         if self.ssim_enabled:
             s = ssim_map(f, torch.cat([a, b], dim=1))  # (B, 2, h, w), valid region
@@ -441,11 +527,19 @@ class FusionLoss(nn.Module):
         if self.gradient_enabled:
             g = sobel_l1(torch.cat([f, a, b], dim=1))
             gf, ga, gb = g[:, :1], g[:, 1:2], g[:, 2:]
-            target = col(w["det_ir"]) * ga + col(w["det_vi"]) * gb
-            out["gradient"] = (gf - target).abs().mean()
-            if maps is not None:
-                m = maps["det"]
-                out["patch_gradient"] = (gf - (m[:, :1] * ga + m[:, 1:] * gb)).abs().mean()
+            if self.gradient_target == "max":
+                target, r = max_target(ga, gb, col(w["det_ir"]), col(w["det_vi"]))
+                err = (gf - target).abs()
+                out["gradient"] = (r * err).mean()
+                if maps is not None:
+                    m = maps["det"]
+                    out["patch_gradient"] = (max_target(ga, gb, m[:, :1], m[:, 1:])[1] * err).mean()
+            else:
+                target = col(w["det_ir"]) * ga + col(w["det_vi"]) * gb
+                out["gradient"] = (gf - target).abs().mean()
+                if maps is not None:
+                    m = maps["det"]
+                    out["patch_gradient"] = (gf - (m[:, :1] * ga + m[:, 1:] * gb)).abs().mean()
         if self.style_enabled:
             out["style"] = self._style(f, a)
         if self.feature_enabled and features is not None:
@@ -501,7 +595,11 @@ def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 __all__ = [
+    "PAPER_PROFILE",
+    "TARGETS",
     "FusionLoss",
+    "apply_profile",
+    "max_target",
     "feature_loss",
     "gaussian_kernel1d",
     "sobel_l1",

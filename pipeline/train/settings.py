@@ -27,6 +27,17 @@ def check_run_name(name: str | None, where: str = "train.run_name") -> str | Non
     return name
 
 
+def init_weights_digest(path: str | None) -> str:
+    """SHA-256 (hex, first 12) of the ``train.init_weights`` file, ``""`` without one: part of the
+    default run name, so that new starting weights start a new run instead of reusing one."""
+    if path is None:
+        return ""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """The checked ``train:`` section (see ``params.yaml`` for the meaning of each key).
@@ -47,6 +58,7 @@ class TrainSettings:
     shuffle_buffer: int = setting(64, int, minimum=0)
     max_train_patches: int | None = setting(256, int, minimum=1, allow_none=True)
     sample_weights: str = setting("image", str, choices=("image", "patch"))
+    init_weights: str | None = setting(None, str, allow_none=True)
     num_workers: int = setting(2, int, minimum=1)
     use_gpu: bool = setting(False, bool)
     cpus_per_worker: float | None = setting(None, float, minimum=0.01, allow_none=True)

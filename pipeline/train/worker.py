@@ -166,6 +166,8 @@ def _prepare_job(config: dict[str, Any], s: TrainSettings) -> _Job:
     loss_fn = FusionLoss.from_params(config["loss"]).to(device)
     checkpoint = ray.train.get_checkpoint()
     state = _restore(checkpoint, model, s) if checkpoint is not None else None
+    if checkpoint is None and config.get("init_weights"):  # fine-tune (train.init_weights); a resume wins
+        init_from_weights(model, config["init_weights"], config["model_name"], config["model_args"])
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     optimizer = build_optimizer(model, s)
     scheduler = build_scheduler(optimizer, s, int(config["steps_per_epoch"]) * s.epochs)
@@ -186,6 +188,23 @@ def _prepare_job(config: dict[str, Any], s: TrainSettings) -> _Job:
     net = model.module if hasattr(model, "module") else model
     return _Job(s, config, rank, world, device, model, net, loss_fn, optimizer, scheduler, tracker, nodes,
                 start_epoch, global_step)
+
+
+def init_from_weights(model: torch.nn.Module, path: str, model_name: str, model_args: Mapping[str, Any]) -> None:
+    """Start from the weights of ``path`` (``train.init_weights``: our checkpoint, e.g. the shipped
+    ``models/pretrained/mda_cpu.pt``, or the authors' ``fusion_model.pth``).
+
+    Raises:
+        ValueError: the file holds another architecture than ``model:`` of params.yaml (named).
+    """
+    restored, info = load_model(path)
+    try:
+        if info["name"] != model_name:
+            raise RuntimeError(f"architecture {info['name']}")
+        model.load_state_dict(restored.state_dict())  # strict: every tensor name and shape must match
+    except RuntimeError as exc:
+        raise ValueError(f"train.init_weights {path}: its model ({info['name']} {dict(info['args'])}) does not fit "
+                         f"params.yaml model: {model_name} {dict(model_args)}: {str(exc)[:300]}") from exc
 
 
 def _restore(checkpoint: Any, model: torch.nn.Module, s: TrainSettings) -> dict[str, Any]:

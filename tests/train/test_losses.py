@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from pipeline.common.config import ParamsError, load_params, section
 from pipeline.train.losses import (
     FusionLoss,
+    PAPER_PROFILE,
+    apply_profile,
     feature_loss,
     gram_distance,
+    max_target,
     patch_weight_maps,
     mean_ssim,
     ssim_map,
@@ -207,6 +210,8 @@ def test_gradients_flow_to_fused_for_any_size(loss_fn):
 # ---------------------------------------------------------------- params
 def test_from_params_repo_file_and_key_errors(caplog):
     cfg = section(load_params(REPO / "params.yaml"), "loss")
+    FusionLoss.from_params(cfg)  # the repository's loss as configured
+    cfg = {**cfg, "style": {**cfg["style"], "enabled": True}}  # the VGG checks need the style term
     with caplog.at_level(logging.WARNING, logger="pipeline.model.vgg"):
         loss = FusionLoss.from_params(cfg)
     if cfg.get("vgg_weights") is None:
@@ -227,3 +232,111 @@ def test_from_params_repo_file_and_key_errors(caplog):
     bad_path = {**cfg, "vgg_weights": str(REPO / "no_such_vgg.pth")}
     with pytest.raises(FileNotFoundError, match="no_such_vgg.pth"):
         FusionLoss.from_params(bad_path)
+
+
+# ---------------------------------------------------------------- loss targets (blend / max; issue 10)
+def _target_loss(**kw) -> FusionLoss:
+    base = dict(ssim_enabled=False, patch_enabled=False, style_enabled=False, feature_enabled=False,
+                intensity_kind="l1")
+    base.update(kw)
+    return FusionLoss(**base)
+
+
+def test_max_target_hand_made():
+    a = torch.tensor([[[[0.2, 0.8], [0.5, 0.1]]]])
+    b = torch.tensor([[[[0.6, 0.3], [0.5, 0.4]]]])
+    target, r = max_target(a, b, torch.tensor(0.8), torch.tensor(0.2))
+    torch.testing.assert_close(target, torch.tensor([[[[0.6, 0.8], [0.5, 0.4]]]]))
+    # weight 2*w of the source that supplies the target (ties: a)
+    torch.testing.assert_close(r, torch.tensor([[[[0.4, 1.6], [1.6, 0.4]]]]))
+
+
+def test_max_intensity_is_zero_at_the_pixel_max_and_blend_is_not():
+    a = torch.zeros(1, 1, 16, 16)
+    a[..., :8] = 0.9                     # IR bright on the left
+    b = torch.full((1, 1, 16, 16), 0.4)  # flat visible
+    fmax = torch.maximum(a, b)
+    w = {"int_ir": 0.5, "int_vi": 0.5, "det_ir": 0.5, "det_vi": 0.5}
+    lmax = _target_loss(intensity_target="max", gradient_enabled=False)
+    lblend = _target_loss(intensity_target="blend", gradient_enabled=False)
+    assert float(lmax(fmax, a, b, w)[1]["intensity"]) == 0.0
+    # hand computation: the blend term at the pixel max is 0.5*mean|max-a| + 0.5*mean|max-b|
+    expected = 0.5 * float((fmax - a).abs().mean()) + 0.5 * float((fmax - b).abs().mean())
+    assert float(lblend(fmax, a, b, w)[1]["intensity"]) == pytest.approx(expected, rel=1e-6)
+    # the average of the inputs is penalised by max: |avg - max| with weight 2*0.5 = 1
+    favg = (a + b) / 2
+    assert float(lmax(favg, a, b, w)[1]["intensity"]) == pytest.approx(float((favg - fmax).abs().mean()), rel=1e-6)
+
+
+def test_max_gradient_keeps_an_edge_present_only_in_ir():
+    a = torch.zeros(1, 1, 16, 16)
+    a[..., 8:] = 1.0                     # vertical edge in IR only
+    b = torch.full((1, 1, 16, 16), 0.5)  # flat visible
+    w = {"int_ir": 0.5, "int_vi": 0.5, "det_ir": 0.25, "det_vi": 0.75}
+    lmax = _target_loss(gradient_target="max", intensity_weight=0.0)
+    lblend = _target_loss(gradient_target="blend", intensity_weight=0.0)
+    # f = a has the full IR edge: zero under max; blend asks for 0.25 of the edge and penalises it
+    assert float(lmax(a, a, b, w)[1]["gradient"]) == 0.0
+    assert float(lblend(a, a, b, w)[1]["gradient"]) > 0.0
+    # an edge at 0.25 strength (what blend asks for) is penalised under max
+    f = 0.5 + 0.25 * (a - 0.5)
+    assert float(lmax(f, a, b, w)[1]["gradient"]) > 0.0
+    assert float(lblend(f, a, b, w)[1]["gradient"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_max_adaptive_weights_shape_the_loss():
+    a = torch.zeros(1, 1, 16, 16)
+    a[..., :8] = 0.9                     # IR supplies the max on the left half
+    b = torch.full((1, 1, 16, 16), 0.4)  # visible on the right half
+    f = torch.full((1, 1, 16, 16), 0.4)  # misses the IR target (error 0.5 on the left), exact on the right
+    lmax = _target_loss(intensity_target="max", gradient_enabled=False)
+    def term(w_ir):
+        w = {"int_ir": w_ir, "int_vi": 1 - w_ir, "det_ir": 0.5, "det_vi": 0.5}
+        return float(lmax(f, a, b, w)[1]["intensity"])
+    # mean over pixels of 2*w_ir*0.5 on the left half = 0.5 * w_ir
+    assert term(0.5) == pytest.approx(0.25, rel=1e-6)
+    assert term(0.9) == pytest.approx(0.45, rel=1e-6)
+    assert term(0.1) == pytest.approx(0.05, rel=1e-6)
+
+
+def test_patch_level_max_uses_the_weight_maps():
+    a, b = _textured(3), _textured(4)
+    f = (a + b) / 2
+    lf = _target_loss(intensity_target="max", gradient_target="max", patch_enabled=True)
+    total, terms = lf(f, a, b, None)
+    assert {"intensity", "gradient", "patch_intensity", "patch_gradient"} <= set(terms)
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+    total.backward() if total.requires_grad else None
+
+
+def test_gradients_flow_with_max_targets():
+    a, b = _textured(5), _textured(6)
+    f = ((a + b) / 2).clone().requires_grad_(True)
+    total, _ = _target_loss(intensity_target="max", gradient_target="max")(f, a, b, None)
+    total.backward()
+    assert f.grad is not None and torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+
+
+def test_unknown_target_is_rejected():
+    with pytest.raises(ValueError, match="intensity_target"):
+        _target_loss(intensity_target="min")
+
+
+def test_paper_profile_is_one_parameter():
+    params = section(load_params(REPO / "params.yaml"), "loss")
+    ours = FusionLoss.from_params(params)
+    assert params.get("profile", "ours") == "ours"
+    assert (ours.intensity_target, ours.gradient_target) == ("max", "max")   # the default: our extension
+    paper = FusionLoss.from_params({**params, "profile": "paper"})
+    assert (paper.intensity_target, paper.gradient_target) == ("blend", "blend")
+    assert paper.intensity_kind == "mse"
+    assert set(paper.term_weights) == {"intensity", "ssim", "gradient", "patch_intensity", "patch_ssim",
+                                       "patch_gradient", "style", "feature"}
+    assert paper.term_weights["gradient"] == 1.0 and paper.term_weights["patch_gradient"] == 2.0
+    cfg = apply_profile({**params, "profile": "paper"})
+    assert all(cfg[k][kk] == v for k, d in PAPER_PROFILE.items() for kk, v in d.items())
+    assert cfg["patch"]["window"] == params["patch"]["window"]  # keys the profile does not set are kept
+    with pytest.raises(ParamsError, match="loss.profile"):
+        FusionLoss.from_params({**params, "profile": "seafusion"})
+    with pytest.raises(ParamsError, match="loss.intensity.target"):
+        FusionLoss.from_params({**params, "intensity": {**params["intensity"], "target": "min"}})
