@@ -28,6 +28,9 @@ replaced by 1 with a warning. The median is computed in a streaming way from a l
 (100 bins per decade, ~1 % precision) summed over the shards: the driver never holds a per-patch
 array.
 
+Ablation ``stats.weighting: fixed``: every weight is 0.5 (``w_int`` and ``w_det``, patches and
+whole images), so the loss sees constant weights; ``adaptive`` (default) is the above.
+
 The ``stats`` stage that applies them to the patch and image tables is ``pipeline.data.stats_stage``.
 """
 
@@ -51,6 +54,8 @@ MODALITIES: tuple[str, ...] = ("ir", "vi")
 #: Edges of the histogram of |IR - VIS| used for the streaming median: [0, 1e-6, ..., 1e8].
 DIFF_EDGES = np.concatenate([[0.0], np.logspace(-6, 8, 1401)])
 MIN_SCALE = 1e-6
+#: ``stats.weighting``: the adaptive weights above, or the ablation's constant 0.5/0.5.
+WEIGHTINGS: tuple[str, ...] = ("adaptive", "fixed")
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -119,12 +124,14 @@ class Normalisation:
         temperature: softmax temperature (> 0); larger -> weights closer to 0.5.
         intensity_terms: statistics summed into the intensity score.
         detail_terms: statistics summed into the detail score.
+        weighting: ``adaptive`` or ``fixed`` (every weight 0.5; the ablation).
     """
 
     scales: Mapping[str, float]
     temperature: float = 1.0
     intensity_terms: tuple[str, ...] = ("entropy", "std")
     detail_terms: tuple[str, ...] = ("grad_energy",)
+    weighting: str = "adaptive"
 
     @classmethod
     def load(cls, path: str | Path, level: str = "patch") -> "Normalisation":
@@ -137,6 +144,7 @@ class Normalisation:
             temperature=float(data["temperature"]),
             intensity_terms=tuple(data["intensity_terms"]),
             detail_terms=tuple(data["detail_terms"]),
+            weighting=str(data.get("weighting", "adaptive")),
         )
 
 
@@ -159,8 +167,11 @@ def adaptive_weights(
 
     Returns:
         ``{"int_ir", "int_vi", "det_ir", "det_vi"}`` in (0, 1), ``int_ir + int_vi == 1`` and
-        ``det_ir + det_vi == 1`` (floats for float input, float64 arrays for arrays).
+        ``det_ir + det_vi == 1`` (floats for float input, float64 arrays for arrays). With
+        ``norm.weighting == "fixed"`` every weight is exactly 0.5.
     """
+    if norm.weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {norm.weighting!r}")
     t = norm.temperature if temperature is None else temperature
     if not t > 0:
         raise ValueError(f"temperature must be > 0, got {t}")
@@ -174,6 +185,8 @@ def adaptive_weights(
     out: dict[str, Any] = {}
     for kind, terms in (("int", norm.intensity_terms), ("det", norm.detail_terms)):
         w_ir, w_vi = _softmax2(score(stats_ir, terms) / t, score(stats_vi, terms) / t)
+        if norm.weighting == "fixed":
+            w_ir, w_vi = np.full(np.shape(w_ir), 0.5), np.full(np.shape(w_vi), 0.5)
         if np.ndim(w_ir) == 0:
             w_ir, w_vi = float(w_ir), float(w_vi)
         out[f"{kind}_ir"], out[f"{kind}_vi"] = w_ir, w_vi

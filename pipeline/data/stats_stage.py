@@ -44,6 +44,7 @@ from pipeline.data.stats import (
     DIFF_EDGES,
     MODALITIES,
     STAT_NAMES,
+    WEIGHTINGS,
     Normalisation,
     adaptive_weights,
     batch_statistics,
@@ -80,6 +81,7 @@ class StatsConfig:
         temperature: softmax temperature of the weights.
         intensity_terms, detail_terms: statistics summed into each score (see module docstring).
         scale_split: split whose data sets the scales (``train``: no test data leaks in).
+        weighting: ``adaptive``, or ``fixed`` (ablation: every weight 0.5).
     """
 
     log_sigma: float = setting(1.0, float, minimum=0.1)
@@ -87,6 +89,7 @@ class StatsConfig:
     intensity_terms: tuple[str, ...] = setting(("entropy", "std"), list, convert=_stat_names)
     detail_terms: tuple[str, ...] = setting(("grad_energy",), list, convert=_stat_names)
     scale_split: str = setting("train", str, choices=["train", "all"])
+    weighting: str = setting("adaptive", str, choices=list(WEIGHTINGS))
     terms: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -99,7 +102,7 @@ class StatsConfig:
 
     def normalisation(self, scales: Mapping[str, float]) -> Normalisation:
         """The ``Normalisation`` of these settings with the given scales."""
-        return Normalisation(dict(scales), self.temperature, self.intensity_terms, self.detail_terms)
+        return Normalisation(dict(scales), self.temperature, self.intensity_terms, self.detail_terms, self.weighting)
 
 
 # ----------------------------------------------------------------------------- batch functions
@@ -323,6 +326,7 @@ def compute_stats(
             "intensity_terms": list(cfg.intensity_terms),
             "detail_terms": list(cfg.detail_terms),
             "log_sigma": cfg.log_sigma,
+            "weighting": cfg.weighting,
             "patch": {"scales": scales, "count": count},
             "image": {"scales": img_scales, "count": img_count},
         })

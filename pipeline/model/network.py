@@ -19,6 +19,20 @@ a gradient (DDP needs no ``find_unused_parameters``). ``pipeline.model.weights``
 dict onto these modules and accounts for the unused tensors explicitly.
 
 Each attention map is computed once per fusion point (the authors' code evaluates them twice).
+
+Ablation switches (``model.args``; the defaults are the full model above, whose state dict and
+forward pass they leave unchanged):
+
+- ``fusion``: ``attention`` (default) | ``add`` | ``concat``, the block used at every same-scale and
+  cross-scale fusion point. ``add``: ``ir' + vi``; ``concat``: ``conv1x1_{2C->C}([ir', vi])``. In
+  both, ``ir'`` is the IR feature, up-sampled in a cross-scale block by the same ``ReLU(tconv)``
+  as in the attention block; the channel and spatial attention modules are removed.
+- ``scales``: 3 (default: 1x + 2x + 4x) | 2 (1x + 2x) | 1 (1x only). With 2, the 4x encoder
+  (``enc4``), the fusion points F24 and F44 and the 4x up path (``dec4``) are removed; the head sees
+  ``[F11, F12, up2(F22)]`` (``2C + up2_channels`` channels). With 1, the 2x encoder, the
+  cross-scale block (``fuse_cross``, no coarser scale left to bring in) and ``dec2`` go too; the head
+  sees ``F11`` (``C`` channels). ``forward(..., return_features=True)`` then returns only the
+  features that exist (``ir``/``vi``: one per scale; ``fusion``: F11, F12, F22 / F11).
 """
 
 from __future__ import annotations
@@ -91,12 +105,13 @@ def model_config(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     name = param(cfg, "name", str, where="model", default="mda", choices=available_models())
     args = param(cfg, "args", dict, where="model", default={}) or {}
     allowed = getattr(_REGISTRY[name], "ARG_NAMES", ())
+    specs = getattr(_REGISTRY[name], "ARG_SPECS", {})
     out: dict[str, Any] = {}
     for key in args:
         if key not in allowed:
 
             raise ParamsError(f"params: unknown key 'model.args.{key}' for model '{name}' (allowed: {list(allowed)})")
-        out[key] = param(args, key, int, where="model.args", minimum=1)
+        out[key] = param(args, key, where="model.args", **specs.get(key, {"kind": int, "minimum": 1}))
     return name, out
 
 
@@ -237,6 +252,52 @@ class DualAttentionFusion(nn.Module):
         return m_ir.mul_(w_ir).mul_(ir_up).add_(m_vi.mul_(w_vi).mul_(vi))
 
 
+class AddFusion(nn.Module):
+    """Ablation ``fusion: add``: ``ir' + vi`` (``ir' = ReLU(tconv(ir))`` in a cross-scale block)."""
+
+    def __init__(self, width: int, cross_scale: bool) -> None:
+        super().__init__()
+        self.cross_scale = cross_scale
+        self.upsample = nn.Sequential(_up3(width, width), nn.ReLU()) if cross_scale else None
+
+    def forward(self, ir: Tensor, vi: Tensor) -> Tensor:
+        """ir (N, C, h, w), vi (N, C, H, W) -> fused (N, C, H, W)."""
+        ir_up = self.upsample(ir) if self.upsample is not None else ir
+        return ir_up + vi
+
+
+class ConcatFusion(nn.Module):
+    """Ablation ``fusion: concat``: ``conv1x1_{2C->C}([ir', vi])`` (``ir'`` as in ``AddFusion``)."""
+
+    def __init__(self, width: int, cross_scale: bool) -> None:
+        super().__init__()
+        self.cross_scale = cross_scale
+        self.upsample = nn.Sequential(_up3(width, width), nn.ReLU()) if cross_scale else None
+        self.mix = _conv1(2 * width, width)
+
+    def forward(self, ir: Tensor, vi: Tensor) -> Tensor:
+        """ir (N, C, h, w), vi (N, C, H, W) -> fused (N, C, H, W)."""
+        ir_up = self.upsample(ir) if self.upsample is not None else ir
+        return self.mix(torch.cat([ir_up, vi], dim=1))
+
+
+#: ``model.args.fusion`` -> the fusion-block kind (``attention`` is the paper's).
+FUSION_KINDS: tuple[str, ...] = ("attention", "add", "concat")
+#: ``model.args.scales`` -> number of fusion points (F11 | F11 F12 F22 | F11 F12 F22 F24 F44).
+FUSION_POINTS: dict[int, int] = {1: 1, 2: 3, 3: 5}
+
+
+def fusion_block(kind: str, width: int, reduction: int, cross_scale: bool) -> nn.Module:
+    """The fusion block of ``model.args.fusion`` (one of ``FUSION_KINDS``)."""
+    if kind == "attention":
+        return DualAttentionFusion(width, reduction, cross_scale)
+    if kind == "add":
+        return AddFusion(width, cross_scale)
+    if kind == "concat":
+        return ConcatFusion(width, cross_scale)
+    raise ValueError(f"model 'mda': 'fusion' must be one of {list(FUSION_KINDS)}, got {kind!r}")
+
+
 @register_model("mda")
 class MDANet(nn.Module):
     """The MDA fusion network.
@@ -246,14 +307,25 @@ class MDANet(nn.Module):
         reduction: channel-attention squeeze ratio, C -> C / reduction (paper: 8).
         up2_channels: output channels of the 2x residual up block (paper: 16).
         up4_channels: output channels of the 4x residual up path (paper: 8).
+        fusion: fusion block at every fusion point, ``attention`` (paper) | ``add`` | ``concat``
+            (ablations; module docstring).
+        scales: encoder scales, 3 = 1x + 2x + 4x (paper) | 2 = 1x + 2x | 1 = 1x only (ablations;
+            module docstring lists what each removes).
 
     The concatenation before the head has ``2 * width + 2 * up2_channels + up4_channels``
-    channels (104 with the paper's values).
+    channels with 3 scales (104 with the paper's values), ``2 * width + up2_channels`` with 2 and
+    ``width`` with 1.
     """
 
-    ARG_NAMES: tuple[str, ...] = ("width", "reduction", "up2_channels", "up4_channels")
+    ARG_NAMES: tuple[str, ...] = ("width", "reduction", "up2_channels", "up4_channels", "fusion", "scales")
+    #: ``pipeline.common.config.param`` checks of each ``model.args`` key (default: positive int).
+    ARG_SPECS: dict[str, dict[str, Any]] = {
+        "fusion": {"kind": str, "choices": FUSION_KINDS},
+        "scales": {"kind": int, "choices": tuple(FUSION_POINTS)},
+    }
 
-    def __init__(self, width: int = 32, reduction: int = 8, up2_channels: int = 16, up4_channels: int = 8) -> None:
+    def __init__(self, width: int = 32, reduction: int = 8, up2_channels: int = 16, up4_channels: int = 8,
+                 fusion: str = "attention", scales: int = 3) -> None:
         super().__init__()
         for key, value in (("width", width), ("reduction", reduction),
                            ("up2_channels", up2_channels), ("up4_channels", up4_channels)):
@@ -261,21 +333,32 @@ class MDANet(nn.Module):
                 raise ValueError(f"model 'mda': '{key}' must be a positive integer, got {value!r}")
         if width % reduction:
             raise ValueError(f"model 'mda': width ({width}) must be divisible by reduction ({reduction})")
-        self.width = width
+        if fusion not in FUSION_KINDS:
+            raise ValueError(f"model 'mda': 'fusion' must be one of {list(FUSION_KINDS)}, got {fusion!r}")
+        if isinstance(scales, bool) or scales not in FUSION_POINTS:
+            raise ValueError(f"model 'mda': 'scales' must be one of {list(FUSION_POINTS)}, got {scales!r}")
+        self.width, self.fusion, self.scales = width, fusion, scales
+        # modules a reduced configuration does not run are not created (attribute None): the
+        # default configuration keeps exactly the paper's modules and state-dict keys
         self.stem = _conv3(1, width)
         self.enc1 = ResidualDown(width, stride=1)
-        self.enc2 = ResidualDown(width, stride=2)
-        self.enc4 = nn.Sequential(ResidualDown(width, stride=2), ResidualDown(width, stride=2))
-        self.fuse_same = DualAttentionFusion(width, reduction, cross_scale=False)
-        self.fuse_cross = DualAttentionFusion(width, reduction, cross_scale=True)
-        self.dec2 = ResidualUp(width, up2_channels)
-        self.dec4 = nn.Sequential(ResidualUp(width, width), ResidualUp(width, up4_channels))
-        concat = 2 * width + 2 * up2_channels + up4_channels
+        self.enc2 = ResidualDown(width, stride=2) if scales >= 2 else None
+        self.enc4 = nn.Sequential(ResidualDown(width, stride=2), ResidualDown(width, stride=2)) if scales >= 3 else None
+        self.fuse_same = fusion_block(fusion, width, reduction, cross_scale=False)
+        self.fuse_cross = fusion_block(fusion, width, reduction, cross_scale=True) if scales >= 2 else None
+        self.dec2 = ResidualUp(width, up2_channels) if scales >= 2 else None
+        self.dec4 = nn.Sequential(ResidualUp(width, width), ResidualUp(width, up4_channels)) if scales >= 3 else None
+        concat = {1: width, 2: 2 * width + up2_channels, 3: 2 * width + 2 * up2_channels + up4_channels}[scales]
         self.head = nn.Sequential(_conv3(concat, width), _conv3(width, 1), nn.Tanh())
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Siamese encoder: (N, 1, H, W) -> features at 1x, 1/2 and 1/4 resolution, (N, C, ., .)."""
+    def encode(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Siamese encoder: (N, 1, H, W) -> features at 1x, 1/2 and 1/4 resolution (the first
+        ``scales`` of them), (N, C, ., .)."""
         x0 = self.stem(x)
+        if self.enc2 is None:
+            return (self.enc1(x0),)
+        if self.enc4 is None:
+            return self.enc1(x0), self.enc2(x0)
         return self.enc1(x0), self.enc2(x0), self.enc4(x0)
 
     def forward(
@@ -292,7 +375,9 @@ class MDANet(nn.Module):
         Returns:
             fused (B, 1, H, W) in (0, 1); with ``return_features`` also
             ``{"ir": [ir1, ir2, ir4], "vi": [vi1, vi2, vi4], "fusion": [F11, F12, F22, F24, F44]}``
-            (encoder features at 1x, 1/2, 1/4 and the fusion-point features before up-sampling).
+            (encoder features at 1x, 1/2, 1/4 and the fusion-point features before up-sampling;
+            with fewer ``scales`` only the ones that exist: ``[ir1, ir2]`` and ``[F11, F12, F22]``,
+            or ``[ir1]`` and ``[F11]``).
 
         Raises:
             ValueError: shapes differ, are not (B, 1, H, W), or H/W are not multiples of 8.
@@ -308,20 +393,27 @@ class MDANet(nn.Module):
                 "(pipeline.model.inference.Fuser pads any size)"
             )
         b = ir.shape[0]
-        e1, e2, e4 = self.encode(torch.cat([ir, vi], dim=0))
-        ir1, vi1 = e1[:b], e1[b:]
-        ir2, vi2 = e2[:b], e2[b:]
-        ir4, vi4 = e4[:b], e4[b:]
-        f11 = self.fuse_same(ir1, vi1)
-        f12 = self.fuse_cross(ir2, vi1)
-        f22 = self.fuse_same(ir2, vi2)
-        f24 = self.fuse_cross(ir4, vi2)
-        f44 = self.fuse_same(ir4, vi4)
-        u2 = self.dec2(torch.cat([f22, f24], dim=0))  # shared weights: one batched call
-        u22, u24 = u2[:b], u2[b:]
-        u44 = self.dec4(f44)
-        fused = self.head(torch.cat([f11, f12, u22, u24, u44], dim=1)) / 2 + 0.5
+        enc = self.encode(torch.cat([ir, vi], dim=0))
+        irs, vis = [e[:b] for e in enc], [e[b:] for e in enc]
+        f11 = self.fuse_same(irs[0], vis[0])
+        if self.scales == 1:
+            fusion = [f11]
+            cat = [f11]
+        elif self.scales == 2:
+            f12 = self.fuse_cross(irs[1], vis[0])
+            f22 = self.fuse_same(irs[1], vis[1])
+            fusion = [f11, f12, f22]
+            cat = [f11, f12, self.dec2(f22)]
+        else:
+            f12 = self.fuse_cross(irs[1], vis[0])
+            f22 = self.fuse_same(irs[1], vis[1])
+            f24 = self.fuse_cross(irs[2], vis[1])
+            f44 = self.fuse_same(irs[2], vis[2])
+            u2 = self.dec2(torch.cat([f22, f24], dim=0))  # shared weights: one batched call
+            fusion = [f11, f12, f22, f24, f44]
+            cat = [f11, f12, u2[:b], u2[b:], self.dec4(f44)]
+        fused = self.head(torch.cat(cat, dim=1) if len(cat) > 1 else cat[0]) / 2 + 0.5
         if not return_features:
             return fused
-        feats = {"ir": [ir1, ir2, ir4], "vi": [vi1, vi2, vi4], "fusion": [f11, f12, f22, f24, f44]}
+        feats = {"ir": irs, "vi": vis, "fusion": fusion}
         return fused, feats

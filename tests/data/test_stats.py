@@ -172,3 +172,47 @@ def test_crop_and_stats_on_real_roadscene_pairs(tmp_path, ray_local):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 50 and sum(int(r["w_int_ir_patch"]) for r in rows) == len(patches)
     assert sum(int(r["w_det_ir_image"]) for r in rows) == len(images)
+
+
+# ----------------------------------------------------------------------------- ablation: fixed weights
+def test_fixed_weighting_gives_half_everywhere():
+    rng = np.random.default_rng(1)
+    ir = {k: rng.uniform(0, 50, 7) for k in NORM.scales}
+    vi = {k: rng.uniform(0, 50, 7) for k in NORM.scales}
+    fixed = Normalisation(dict(NORM.scales), weighting="fixed")
+    w = adaptive_weights(ir, vi, fixed)
+    assert all(np.array_equal(w[k], np.full(7, 0.5)) for k in ("int_ir", "int_vi", "det_ir", "det_vi"))
+    one = adaptive_weights({k: v[0] for k, v in ir.items()}, {k: v[0] for k, v in vi.items()}, fixed)
+    assert one == {"int_ir": 0.5, "int_vi": 0.5, "det_ir": 0.5, "det_vi": 0.5}
+    assert not np.allclose(adaptive_weights(ir, vi, NORM)["int_ir"], 0.5)  # adaptive really differs
+    assert StatsConfig.from_params({}).weighting == "adaptive"
+    with pytest.raises(ParamsError, match="stats.weighting"):
+        StatsConfig.from_params({"weighting": "uniform"})
+
+
+def test_stats_stage_with_fixed_weighting_writes_constant_weights(tmp_path, ray_local):
+    from registered_fixtures import write_registered
+
+    rng = np.random.default_rng(0)
+    reg = tmp_path / "registered"
+    yy, xx = np.mgrid[0:48, 0:64]
+    pairs = []
+    for i in range(4):  # IR: a warm blob on a flat background; visible: texture
+        ir = np.clip(40 + 150 * np.exp(-((yy - 10 * i - 10) ** 2 + (xx - 30) ** 2) / 40) + rng.normal(0, 3, yy.shape), 0, 255)
+        vi = np.clip(100 + 60 * np.sin(xx / (2 + i)) * np.cos(yy / 3) + rng.normal(0, 5, yy.shape), 0, 255)
+        pairs.append((f"p{i}", ir.astype(np.uint8), vi.astype(np.uint8)))
+    write_registered(reg, pairs)
+    crop_dataset(reg, tmp_path / "patches", CropConfig(patch_size=16, stride=16, pairs_per_shard=2))
+    compute_stats(tmp_path / "patches", reg, tmp_path / "stats", StatsConfig(weighting="fixed"),
+                  tmp_path / "m.json")
+    patches = pq.read_table(tmp_path / "stats" / "patches").to_pandas()
+    images = pq.read_table(tmp_path / "stats" / "images.parquet").to_pandas()
+    assert len(patches) > 20 and len(images) == 4
+    for table, prefixes in ((patches, ("w_", "img_w_")), (images, ("w_",))):
+        for prefix in prefixes:
+            for name in ("int_ir", "int_vi", "det_ir", "det_vi"):
+                assert (table[prefix + name] == 0.5).all(), prefix + name
+    assert json.loads((tmp_path / "stats" / "normalisation.json").read_text())["weighting"] == "fixed"
+    assert Normalisation.load(tmp_path / "stats" / "normalisation.json").weighting == "fixed"
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["patch"]["w_int_ir"]["std"] == 0 and saved["image"]["w_det_ir"]["mean"] == 0.5

@@ -84,3 +84,59 @@ def test_attention_maps_in_open_unit_interval(cross_scale):
     assert m_ir.shape == m_vi.shape == (2, 32, 16, 24) == out.shape
     for a in (w_ir, w_vi, m_ir, m_vi):
         assert a.min() > 0 and a.max() < 1
+
+
+# ----------------------------------------------------------------------------- ablation switches
+def _n_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("fusion", ["attention", "add", "concat"])
+@pytest.mark.parametrize("scales", [1, 2, 3])
+def test_ablation_switches_build_and_run(fusion, scales):
+    torch.manual_seed(0)
+    net = build_model("mda", fusion=fusion, scales=scales).eval()
+    ir, vi = torch.rand(2, 1, 32, 48), torch.rand(2, 1, 32, 48)
+    with torch.no_grad():
+        fused, feats = net(ir, vi, return_features=True)
+    assert fused.shape == (2, 1, 32, 48) and fused.min() > 0 and fused.max() < 1
+    assert len(feats["ir"]) == len(feats["vi"]) == scales
+    assert len(feats["fusion"]) == {1: 1, 2: 3, 3: 5}[scales]
+    assert all(f.shape[1] == 32 for f in feats["fusion"])
+    assert net.head[0].in_channels == {1: 32, 2: 2 * 32 + 16, 3: 104}[scales]
+    # every parameter of a reduced network still gets a gradient (no dead modules, DDP-safe)
+    net.train()
+    net(torch.rand(1, 1, 16, 24), torch.rand(1, 1, 16, 24)).mean().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+
+
+def test_ablation_parameter_counts_and_default_unchanged():
+    full = build_model("mda")
+    assert _n_params(full) == _n_params(build_model("mda", fusion="attention", scales=3)) == 484_214
+    assert sorted(full.state_dict()) == sorted(build_model("mda", fusion="attention", scales=3).state_dict())
+    counts = {(f, s): _n_params(build_model("mda", fusion=f, scales=s))
+              for f in ("attention", "add", "concat") for s in (1, 2, 3)}
+    # exact figures (C = 32): the attention blocks hold 79,056 parameters, add keeps only the
+    # cross-scale up-sampler, concat adds two 1x1 convs (2C -> C)
+    assert counts[("add", 3)] == 405_158 and counts[("concat", 3)] == 409_318
+    assert counts[("attention", 2)] == 269_210 and counts[("attention", 1)] == 95_627
+    for s in (1, 2, 3):
+        assert counts[("add", s)] < counts[("concat", s)] < counts[("attention", s)]
+    for f in ("attention", "add", "concat"):
+        assert counts[(f, 1)] < counts[(f, 2)] < counts[(f, 3)]
+    single = build_model("mda", scales=1)
+    assert single.enc2 is single.enc4 is single.fuse_cross is single.dec2 is single.dec4 is None
+    two = build_model("mda", scales=2)
+    assert two.enc4 is None and two.dec4 is None and two.fuse_cross is not None
+
+
+def test_ablation_switches_are_checked():
+    assert model_config({"args": {"fusion": "add", "scales": 1}}) == ("mda", {"fusion": "add", "scales": 1})
+    with pytest.raises(ParamsError, match="model.args.fusion"):
+        model_config({"args": {"fusion": "max"}})
+    with pytest.raises(ParamsError, match="model.args.scales"):
+        model_config({"args": {"scales": 4}})
+    with pytest.raises(ValueError, match="'fusion'"):
+        build_model("mda", fusion="sum")
+    with pytest.raises(ValueError, match="'scales'"):
+        build_model("mda", scales=0)
