@@ -13,10 +13,9 @@ an estimate is used only when independent evidence agrees (:func:`check_alignmen
 
 The pair is *confident* when the ECC converged, its gradient correlation reaches
 ``min_score``, the two shifts agree within ``max_disagreement_px`` and the offset is within the
-plausibility bound ``search_px`` (also the MI search radius). A confident pair then gets a rigid
-refinement (rotation + translation ECC from the agreed shift), kept only when the rotation it
-finds is significant. The thresholds and the measurements behind them are in the README
-("Registration").
+plausibility bound ``search_px`` (also the MI search radius). ``correct`` then fits a rigid
+motion (rotation + translation ECC from the agreed shift, :func:`rigid_warp`) to a confident pair.
+The thresholds and the measurements behind them are in the README (section "register").
 
 All warps map IR pixel coordinates to visible pixel coordinates (``cv2.WARP_INVERSE_MAP``
 convention), at full resolution.
@@ -229,7 +228,6 @@ def mi_shift(ir: np.ndarray, vi_y: np.ndarray, radius_px: float) -> tuple[np.nda
         ``(shift, on_border)``: the shift, and whether the coarse optimum lies on the search border
         (the true optimum may be outside: not a usable estimate).
     """
-    h, w = ir.shape
     levels = [(np.asarray(ir, np.float32), np.asarray(vi_y, np.float32))]
     for _ in range(_MI_LEVELS - 1):
         size = (max(8, levels[-1][0].shape[1] // 2), max(8, levels[-1][0].shape[0] // 2))
@@ -322,7 +320,14 @@ def check_alignment(ir: np.ndarray, vi_y: np.ndarray, options: AlignOptions = Al
     mi, mi_on_border = mi_shift(ir_w, vi_w, options.search_px * scale)
     mi_full = tuple(float(v) for v in to_full_resolution(_translation(mi), scale)[:, 2])
 
-    def refused(code: str, detail: str, warp: np.ndarray = IDENTITY, shift=None, score=float("nan"), dis=float("nan")):
+    def refused(
+        code: str,
+        detail: str,
+        warp: np.ndarray = IDENTITY,
+        shift: tuple[float, float] | None = None,
+        score: float = float("nan"),
+        dis: float = float("nan"),
+    ) -> AlignmentCheck:
         return AlignmentCheck(
             warp=np.array(warp, np.float64), ecc_shift=shift, mi_shift=mi_full, score=score,
             identity_score=identity_score, shift_px=displacement_px(warp, h, w), disagreement_px=dis,
@@ -338,10 +343,17 @@ def check_alignment(ir: np.ndarray, vi_y: np.ndarray, options: AlignOptions = Al
     t_warp = to_full_resolution(_translation(shift), scale)
     ecc_full = (float(t_warp[0, 2]), float(t_warp[1, 2]))
     dis = float(np.max(np.abs(np.subtract(ecc_full, mi_full))))
-    shown = f"ECC ({ecc_full[0]:.2f}, {ecc_full[1]:.2f}) px at correlation {cc:.3f}, MI ({mi_full[0]:g}, {mi_full[1]:g}) px"
+    shown = (
+        f"ECC ({ecc_full[0]:.2f}, {ecc_full[1]:.2f}) px at correlation {cc:.3f}, "
+        f"MI ({mi_full[0]:.1f}, {mi_full[1]:.1f}) px"
+    )
     args = {"warp": t_warp, "shift": ecc_full, "score": float(cc), "dis": dis}
-    if max(abs(ecc_full[0]), abs(ecc_full[1])) > options.search_px or mi_on_border:
-        return refused("implausible_shift", f"{shown}; beyond register.search_px {options.search_px:g}", **args)
+    if max(abs(ecc_full[0]), abs(ecc_full[1])) > options.search_px:
+        return refused("implausible_shift", f"{shown}; ECC beyond register.search_px {options.search_px:g}", **args)
+    if mi_on_border:
+        return refused(
+            "implausible_shift", f"{shown}; MI optimum on the border of its +-{options.search_px:g} px search", **args
+        )
     if cc < options.min_score:
         return refused("low_score", f"{shown}; correlation below register.min_score {options.min_score:g}", **args)
     if dis > options.max_disagreement_px:

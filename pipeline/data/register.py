@@ -116,20 +116,23 @@ def _empty_row(pair_id: str, ir: str | None, vi: str | None) -> dict[str, Any]:
     return row
 
 
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
 def _alignment_fields(check: align.AlignmentCheck, warp: np.ndarray, h: int, w: int) -> dict[str, Any]:
     """Manifest values of an alignment check whose recorded warp is ``warp``."""
-    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
     return {
         "transform": [float(v) for v in np.asarray(warp).ravel()],
-        "align_score": finite(check.score),
+        "align_score": _finite(check.score),
         "shift_px": align.displacement_px(warp, h, w),
         "confident": check.confident,
         "align_reason": check.reason,
         "align_error": None if check.confident else check.reason,
         "ecc_shift": None if check.ecc_shift is None else [float(v) for v in check.ecc_shift],
         "mi_shift": [float(v) for v in check.mi_shift],
-        "identity_score": finite(check.identity_score),
-        "disagreement_px": finite(check.disagreement_px),
+        "identity_score": _finite(check.identity_score),
+        "disagreement_px": _finite(check.disagreement_px),
     }
 
 
@@ -374,7 +377,9 @@ def flagged_pairs(rows: list[dict[str, Any]], options: AlignOptions) -> list[dic
     checked = [r for r in rows if r["status"] == "ok" and r["confident"] is not None]
     moved = [r for r in checked if r["confident"] and r["shift_px"] >= options.min_correction_px]
     refused = [r for r in checked if not r["confident"]]
-    by_shift = lambda r: -float(r["shift_px"] or 0.0)  # noqa: E731
+    def by_shift(row: dict[str, Any]) -> float:
+        return -float(row["shift_px"] or 0.0)
+
     return (sorted(moved, key=by_shift) + sorted(refused, key=by_shift))[: options.report_pairs]
 
 

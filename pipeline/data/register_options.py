@@ -22,7 +22,7 @@ class AlignOptions:
     """Settings of the alignment check (the ``register`` section of ``params.yaml``).
 
     The confidence thresholds were chosen from measurements on the real TNO, RoadScene and MSRS
-    pairs (README, "Registration").
+    pairs (README, section "register").
 
     Attributes:
         align: ``off``, ``check`` or ``correct`` (see :data:`ALIGN_MODES`).

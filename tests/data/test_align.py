@@ -2,7 +2,7 @@
 
 No Ray: ``check_alignment`` and ``rigid_warp`` are called directly on pairs of ``../shared/data``
 (skipped with the reason when it is absent). The pairs were picked from the measurements in the
-README ("Registration"): confident on the pair as shipped and on its shifted/rotated copies.
+README (section "register"): confident on the pair as shipped and on its shifted/rotated copies.
 """
 
 from __future__ import annotations
