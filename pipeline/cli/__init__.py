@@ -22,7 +22,7 @@ from typing import Sequence
 from pipeline import __version__
 
 #: Sub-command modules, in the order ``mda --help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "register", "fuse", "evaluate", "recipe")
+COMMANDS: tuple[str, ...] = ("demo", "register", "fuse", "evaluate", "recipe", "ablations")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,469 @@
+"""The paper's ablations as DVC experiments: the variant grid, its commands, and the table and
+chart made from ``dvc exp show --json``.
+
+Each variant is a set of ``dvc exp run -S key=value`` overrides on top of ``GRID_COMMON`` (the
+shared data and training budget: same seed, same number of optimiser steps for every variant). The
+grid runs through DVC's own queue (``dvc exp run --queue`` per variant, then ``dvc queue start``);
+``mda ablations run`` prints and runs exactly those commands. ``mda ablations report`` reads the
+experiments back (``dvc exp show --json``) and writes ``docs/ablations.md`` and
+``docs/ablations.png``.
+
+Everything here except :func:`complexity`, :func:`write_chart` and :func:`build_raw_folder` is a
+pure function of its arguments (unit-tested on a fake ``dvc exp show --json`` document).
+
+The "full" model of the grid is the pipeline's default network and loss section
+(``loss.profile: ours``: max targets, L1 intensity, gradient weight 10) with the paper's
+patch-level and style terms switched on, so that each switch removes one component the paper
+claims. The fusion-point feature term stays off (as in ``params.yaml``): it is defined on the five
+fusion points, which the reduced-scale network does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+#: The 8 headline metrics of the table (all: higher is better), in published order.
+HEADLINE: tuple[str, ...] = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM")
+#: Experiment names are ``<EXP_PREFIX><variant>[-<tag>]``.
+EXP_PREFIX = "abl-"
+#: Input of the FLOP count: one forward pass on one 256x256 pair.
+FLOP_INPUT = (1, 1, 256, 256)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One cell of the grid.
+
+    Attributes:
+        name: short name (letters, digits, ``_``), also the experiment name after ``EXP_PREFIX``.
+        overrides: ``params.yaml`` key -> value, passed as ``dvc exp run -S key=value``.
+        tests: the paper's claim this variant checks (one line, for the table).
+    """
+
+    name: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    tests: str = ""
+
+
+#: The ablation grid. Edit here: add, drop or change a variant (its overrides are -S settings).
+VARIANTS: tuple[Variant, ...] = (
+    Variant("full", {}, "the full model: dual attention, 3 scales, adaptive weights, image+patch terms, style term, max targets"),
+    Variant("add", {"model.args.fusion": "add"}, "dual-attention fusion vs elementwise sum"),
+    Variant("concat", {"model.args.fusion": "concat"}, "dual-attention fusion vs concatenation + 1x1 conv"),
+    Variant("single_scale", {"model.args.scales": 1}, "multi-scale (1x+2x+4x) vs 1x only"),
+    # stats.weighting=fixed sets every image/patch weight of the stats stage to 0.5; the loss's own
+    # per-pixel patch maps (losses.patch_weight_maps) have no such switch yet, so a huge temperature
+    # flattens them to 0.5 +- 1e-5 (a `loss.patch.weighting: fixed` hook in losses.py would replace it)
+    Variant("fixed_weights", {"stats.weighting": "fixed", "loss.patch.temperature": 1.0e6},
+            "adaptive complementary-information weights vs 0.5/0.5"),
+    Variant("no_patch", {"loss.patch.enabled": False}, "image+patch-level loss vs image level only"),
+    Variant("no_style", {"loss.style.enabled": False}, "VGG style term vs none"),
+    Variant("blend_targets", {"loss.intensity.target": "blend", "loss.gradient.target": "blend"},
+            "max targets (ours) vs the paper's weighted-blend targets"),
+)
+
+#: Overrides shared by every variant: the data (filled in by ``grid_common``), the equal budget
+#: (3 epochs x 800 patches / (4 x 2 workers) = 300 optimiser steps, seed 2024) and the full model's
+#: loss terms. About 8 minutes per variant on 2 cores (README "Ablations").
+GRID_BUDGET: dict[str, Any] = {
+    "register.align": "off",            # the datasets are scored as shipped ('check' writes the same pixels)
+    "crop.patch_size": 64,
+    "crop.stride": 128,                 # ~5.7k patches over the 288 training/validation pairs
+    "train.epochs": 3,
+    "train.max_train_patches": 800,     # a seeded random subset (train.seed), the same for every variant
+    "train.batch_size": 4,
+    "train.num_workers": 2,
+    "train.seed": 2024,
+    "train.val_max_pairs": 4,
+    "evaluate.official_weights": None,  # the authors' weights are not part of the ablation
+    "evaluate.max_pairs": None,
+    "loss.profile": "ours",
+    "loss.patch.enabled": True,
+    "loss.style.enabled": True,
+}
+
+#: The smoke grid (``mda ablations run --smoke``): two variants, a handful of steps, demo data.
+SMOKE_VARIANTS: tuple[str, ...] = ("full", "add")
+SMOKE_BUDGET: dict[str, Any] = {
+    "register.raw_dir": "data/demo", "crop.test_list": None, "crop.stride": 64,
+    "train.epochs": 1, "train.max_train_patches": 16, "train.batch_size": 4, "train.num_workers": 1,
+    "train.val_max_pairs": 1, "evaluate.max_pairs": 2,
+}
+
+
+# ----------------------------------------------------------------------------- the grid
+def format_value(value: Any) -> str:
+    """A value as DVC's ``-S`` expects it (YAML): ``null``, ``true``/``false``, numbers, strings."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def select_variants(names: Sequence[str] | None, variants: Sequence[Variant] = VARIANTS) -> list[Variant]:
+    """The variants named (all when ``names`` is empty/None), in grid order; unknown names raise."""
+    if not names:
+        return list(variants)
+    known = {v.name: v for v in variants}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown ablation variant(s) {unknown} (known: {list(known)})")
+    return [v for v in variants if v.name in set(names)]
+
+
+def grid_common(raw_dir: str | None, test_list: str | None, smoke: bool = False) -> dict[str, Any]:
+    """``GRID_BUDGET`` with the data (``register.raw_dir``, ``crop.test_list``), or the smoke budget.
+
+    Paths are made absolute: queued experiments run in a temporary copy of the repository, where a
+    path relative to the repository (``../shared/...``) would point elsewhere.
+    """
+    common = dict(GRID_BUDGET)
+    if smoke:
+        common.update(SMOKE_BUDGET)
+        return common
+    if raw_dir is None:
+        raise ValueError("the grid needs a raw folder (ir/ and vi/): build it with `mda ablations data`")
+    common["register.raw_dir"] = os.path.abspath(raw_dir)
+    common["crop.test_list"] = os.path.abspath(test_list) if test_list else None
+    return common
+
+
+def exp_name(variant: str, tag: str | None = None) -> str:
+    """The DVC experiment name of a variant."""
+    return f"{EXP_PREFIX}{variant}" + (f"-{tag}" if tag else "")
+
+
+def grid_commands(variants: Sequence[Variant], common: Mapping[str, Any], tag: str | None = None,
+                  jobs: int = 1) -> list[list[str]]:
+    """The DVC commands of the grid: one ``dvc exp run --queue -n NAME -S ...`` per variant, then
+    ``dvc queue start -j JOBS``. A variant's own overrides win over ``common``."""
+    cmds = []
+    for v in variants:
+        settings = {**common, **v.overrides}
+        cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(v.name, tag)]
+        for key, value in settings.items():
+            cmd += ["-S", f"{key}={format_value(value)}"]
+        cmds.append(cmd)
+    cmds.append(["dvc", "queue", "start", "-j", str(jobs)])
+    return cmds
+
+
+def shell_line(cmd: Sequence[str]) -> str:
+    """One command as a copy-pasteable shell line."""
+    import shlex
+
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+# ----------------------------------------------------------------------------- reading dvc exp show --json
+@dataclass
+class ExpRecord:
+    """One experiment of ``dvc exp show --json``.
+
+    Attributes:
+        name: experiment name (``abl-add``), rev: its commit, baseline: the commit it is based on.
+        params: ``params.yaml`` (nested), metrics: metrics file -> its content.
+        timestamp: DVC's timestamp string.
+    """
+
+    name: str
+    rev: str
+    baseline: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    timestamp: str | None = None
+
+
+def _files_data(node: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"file": {"data": {...}}}`` -> ``{"file": {...}}`` (DVC 3 layout; errors dropped)."""
+    out = {}
+    for path, entry in (node or {}).items():
+        if isinstance(entry, Mapping) and isinstance(entry.get("data"), Mapping):
+            out[path] = dict(entry["data"])
+    return out
+
+
+def parse_exp_show(doc: Any) -> list[ExpRecord]:
+    """The experiments of a ``dvc exp show --json`` document (DVC 3: a list of baseline entries,
+    each with ``experiments: [{"name", "revs": [{"rev", "name", "data": {"params", "metrics",
+    "timestamp"}}]}]``). Baselines themselves (workspace, commits) are not experiments and are
+    skipped; failed experiments (no data) too."""
+    records: list[ExpRecord] = []
+    for base in doc if isinstance(doc, list) else []:
+        baseline = str(base.get("rev", ""))
+        for exp in base.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                name = rev.get("name") or exp.get("name") or ""
+                if not data or not name:
+                    continue
+                records.append(ExpRecord(
+                    name=str(name), rev=str(rev.get("rev") or data.get("rev") or ""), baseline=baseline,
+                    params=_files_data(data.get("params")).get("params.yaml", {}),
+                    metrics=_files_data(data.get("metrics")), timestamp=data.get("timestamp"),
+                ))
+    return records
+
+
+def variant_of(name: str, variants: Sequence[str]) -> str | None:
+    """The variant of an experiment name ``abl-<variant>[-<tag>]`` (longest match), else None."""
+    if not name.startswith(EXP_PREFIX):
+        return None
+    rest = name[len(EXP_PREFIX):]
+    for v in sorted(variants, key=len, reverse=True):
+        if rest == v or rest.startswith(v + "-"):
+            return v
+    return None
+
+
+def pick_records(records: Sequence[ExpRecord], variants: Sequence[str], tag: str | None = None) -> dict[str, ExpRecord]:
+    """Variant -> its experiment (with ``tag``: only ``abl-<variant>-<tag>``; without: the newest
+    ``abl-<variant>[-*]`` by timestamp)."""
+    out: dict[str, ExpRecord] = {}
+    for r in records:
+        v = variant_of(r.name, variants)
+        if v is None or (tag is not None and r.name != exp_name(v, tag)):
+            continue
+        if v not in out or (r.timestamp or "") > (out[v].timestamp or ""):
+            out[v] = r
+    return out
+
+
+def get_dotted(tree: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    variant: str
+    exp: str
+    rev: str
+    means: dict[str, float | None]
+    train_s: float | None
+    params: int | None = None
+    gflops: float | None = None
+
+
+def table_rows(picked: Mapping[str, ExpRecord], variants: Sequence[str], method: str = "ours") -> list[Row]:
+    """Rows in grid order for the variants that have an experiment: the ``method`` means of
+    ``metrics/eval.json`` and ``fit_time_s`` of ``metrics/train.json``."""
+    rows = []
+    for v in variants:
+        r = picked.get(v)
+        if r is None:
+            continue
+        means = (r.metrics.get("metrics/eval.json") or {}).get(method) or {}
+        train = r.metrics.get("metrics/train.json") or {}
+        rows.append(Row(v, r.name, r.rev, {m: means.get(m) for m in HEADLINE}, train.get("fit_time_s")))
+    return rows
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _delta(x: float | None, ref: float | None) -> str:
+    if x is None or ref is None:
+        return ""
+    d = x - ref
+    mark = " **+**" if d > 0 else ""
+    return f" ({d:+.3f}{mark})"
+
+
+def markdown_report(rows: Sequence[Row], variants: Sequence[Variant], *, command: str, commit: str,
+                    machine: str = "", date: str = "", n_test: int | None = None, notes: Sequence[str] = ()) -> str:
+    """``docs/ablations.md``: one row per variant, the 8 headline means (difference to the full
+    model in parentheses, a bold **+** where the variant beats it), params, GFLOPs, training
+    seconds, and how many of the 8 metrics beat the full model."""
+    by_name = {v.name: v for v in variants}
+    full = next((r for r in rows if r.variant == "full"), None)
+    lines = ["# Ablations", ""]
+    test = f"the {n_test} TNO test pairs" if n_test else "the pinned TNO test pairs (TNO-25)"
+    lines += [f"Means over {test} of the 8 headline metrics (CDDFuse conventions; higher is better for all), "
+              "one DVC experiment per variant, equal budget (same seed, same number of optimiser steps). "
+              "In parentheses: the difference to the full model; **+** marks a variant that beats it. "
+              "GFLOPs: one forward pass on a 1x1x256x256 pair.", ""]
+    head = ["variant", *HEADLINE, "beats full", "params", "GFLOPs", "train s", "experiment"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = [r.variant]
+        wins = 0
+        for m in HEADLINE:
+            ref = full.means.get(m) if full and r is not full else None
+            cells.append(_fmt(r.means.get(m)) + _delta(r.means.get(m), ref))
+            if ref is not None and r.means.get(m) is not None and r.means[m] > ref:
+                wins += 1
+        cells.append("-" if r is full or full is None else f"{wins}/8")
+        cells += [f"{r.params:,}" if r.params is not None else "n/a", _fmt(r.gflops, 2), _fmt(r.train_s, 0),
+                  f"`{r.exp}` ({r.rev[:7]})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| variant | overrides (on top of the grid's common settings) | tests |", "|---|---|---|"]
+    for r in rows:
+        v = by_name.get(r.variant)
+        over = ", ".join(f"`{k}={format_value(x)}`" for k, x in (v.overrides if v else {}).items()) or "(none)"
+        lines.append(f"| {r.variant} | {over} | {v.tests if v else ''} |")
+    missing = [v.name for v in variants if v.name not in {r.variant for r in rows}]
+    if missing:
+        lines += ["", f"No experiment found for: {', '.join(missing)}."]
+    beaten = []
+    if full is not None:
+        for r in rows:
+            better = [m for m in HEADLINE if r is not full and r.means.get(m) is not None
+                      and full.means.get(m) is not None and r.means[m] > full.means[m]]
+            if better:
+                beaten.append(f"- **{r.variant}** beats the full model on {len(better)}/8: {', '.join(better)}.")
+    lines += ["", "## Where a variant beats the full model", ""]
+    lines += beaten or ["- None: the full model is best or level on every metric."]
+    lines += ["", "## Provenance", "", f"- command: `{command}`", f"- git commit: `{commit}`"]
+    if machine:
+        lines.append(f"- machine: {machine}")
+    if date:
+        lines.append(f"- report written: {date}")
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def relative_differences(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
+    """Variant -> metric -> difference to the full model in percent of the full model's value
+    (the chart's bars); variants or metrics without a value are left out."""
+    full = next((r for r in rows if r.variant == "full"), None)
+    out: dict[str, dict[str, float]] = {}
+    if full is None:
+        return out
+    for r in rows:
+        if r is full:
+            continue
+        d = {}
+        for m in HEADLINE:
+            x, ref = r.means.get(m), full.means.get(m)
+            if x is not None and ref not in (None, 0):
+                d[m] = 100.0 * (x - ref) / abs(ref)
+        out[r.variant] = d
+    return out
+
+
+def write_chart(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
+    """``docs/ablations.png``: one panel per headline metric, one bar per variant: difference to
+    the full model in percent (above 0: the variant is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel = relative_differences(rows)
+    names = list(rel)
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), sharey=False)
+    colours = plt.get_cmap("tab10").colors
+    for ax, m in zip(axes.ravel(), HEADLINE):
+        vals = [rel[n].get(m, 0.0) for n in names]
+        ax.bar(range(len(names)), vals, color=[colours[i % 10] for i in range(len(names))])
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(m)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=55, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("% vs full model")
+    axes[1, 0].set_ylabel("% vs full model")
+    fig.suptitle(title or "Ablations: difference to the full model (TNO test means; > 0 = better than full)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- model cost
+def complexity(model_args: Mapping[str, Any], name: str = "mda", size: Sequence[int] = FLOP_INPUT) -> tuple[int, float]:
+    """``(parameters, GFLOPs)`` of a network: FLOPs of one forward pass on an IR/visible pair of
+    ``size`` counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
+    products, 2 FLOPs per multiply-add; element-wise operations are not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model.network import build_model
+
+    net = build_model(name, **dict(model_args)).eval()
+    params = sum(p.numel() for p in net.parameters())
+    x = torch.zeros(*size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, x)
+    return params, counter.get_total_flops() / 1e9
+
+
+def model_args_of(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(name, args)`` of the ``model:`` section of an experiment's params (validated)."""
+    from pipeline.model.network import model_config
+
+    return model_config(dict(params.get("model") or {}))
+
+
+# ----------------------------------------------------------------------------- data
+def build_raw_folder(out: str | Path, root: str | Path, datasets: Sequence[str]) -> dict[str, int]:
+    """The grid's raw folder: ``out/{ir,vi}/<stem><ext>`` symbolic links to every pair of
+    ``root/<dataset>/{ir,vi}`` (the CPU recipe's data: RoadScene, MSRS, TNO; the TNO-25 test pairs
+    are pinned to the test split by ``crop.test_list``). Stems must be unique across datasets.
+
+    Returns:
+        dataset -> number of pairs linked.
+    """
+    from pipeline.data.images import find_pairs
+
+    out, root = Path(out), Path(root)
+    seen: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    links: list[tuple[Path, Path]] = []
+    for ds in datasets:
+        pairs = find_pairs(root / ds / "ir", root / ds / "vi")[0]
+        counts[ds] = len(pairs)
+        for p in pairs:
+            if p.stem in seen:
+                raise ValueError(f"pair '{p.stem}' is in both {seen[p.stem]} and {ds}")
+            seen[p.stem] = ds
+            links += [(out / "ir" / Path(p.ir).name, Path(p.ir)), (out / "vi" / Path(p.vi).name, Path(p.vi))]
+    for sub in ("ir", "vi"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for old in (out / sub).iterdir():
+            if old.is_symlink():
+                old.unlink()
+    for link, target in links:
+        link.symlink_to(target.resolve())
+    return counts
+
+
+def recipe_data(path: str | Path) -> dict[str, Any]:
+    """The ``data:`` section of a recipe file (``recipes/cpu.yaml``): ``root``, ``train_sets``,
+    ``test_set``, ``test_list`` (paths relative to the repository)."""
+    import yaml
+
+    data = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
+    missing = [k for k in ("root", "train_sets", "test_set", "test_list") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: data section lacks {missing}")
+    return data
+
+
+def load_exp_show(text: str) -> list[ExpRecord]:
+    """``parse_exp_show`` of the JSON text."""
+    return parse_exp_show(json.loads(text))
+
+
+def dataset_list(data: Mapping[str, Any]) -> list[str]:
+    """The datasets of the raw folder: the training sets plus the test set."""
+    sets: Iterable[str] = list(data["train_sets"]) + [data["test_set"]]
+    return list(dict.fromkeys(sets))
