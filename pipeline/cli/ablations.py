@@ -95,6 +95,19 @@ def _queue_busy() -> bool:
     return any(word in line for line in out.splitlines() for word in ("Queued", "Running"))
 
 
+def stage_env() -> dict[str, str]:
+    """The environment of the DVC commands: ``PYTHONPATH`` starts with ``.``, so that the stage
+    scripts of each experiment import ``pipeline`` from the experiment's own copy of the repository
+    (DVC runs queued experiments in temporary copies; an editable install would otherwise point
+    every experiment at the working tree it was installed from)."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(["."] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
 def run_grid(args: argparse.Namespace) -> int:
     from pipeline.evaluate import ablations as ab
 
@@ -115,7 +128,7 @@ def run_grid(args: argparse.Namespace) -> int:
         raise ValueError("uncommitted changes to tracked files would go into every experiment; commit them, "
                          "run from a clean clone, or pass --allow-dirty:\n" + dirty)
     for cmd in cmds:
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=stage_env())
     if args.no_wait:
         print("queued; follow with `dvc queue status`, then `mda ablations report`")
         return 0
