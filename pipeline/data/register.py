@@ -372,15 +372,18 @@ def alignment_metrics(rows: list[dict[str, Any]], options: AlignOptions) -> dict
 
 
 def flagged_pairs(rows: list[dict[str, Any]], options: AlignOptions) -> list[dict[str, Any]]:
-    """The pairs a person should look at, worst first: confident estimates of at least
-    ``min_correction_px`` by displacement, then refused estimates by ECC displacement."""
+    """The pairs a person should look at: up to half of ``report_pairs`` confident estimates of at
+    least ``min_correction_px`` (largest displacement first), the rest refused estimates (largest
+    ECC displacement first); either group fills what the other leaves."""
     checked = [r for r in rows if r["status"] == "ok" and r["confident"] is not None]
-    moved = [r for r in checked if r["confident"] and r["shift_px"] >= options.min_correction_px]
-    refused = [r for r in checked if not r["confident"]]
+
     def by_shift(row: dict[str, Any]) -> float:
         return -float(row["shift_px"] or 0.0)
 
-    return (sorted(moved, key=by_shift) + sorted(refused, key=by_shift))[: options.report_pairs]
+    moved = sorted((r for r in checked if r["confident"] and r["shift_px"] >= options.min_correction_px), key=by_shift)
+    refused = sorted((r for r in checked if not r["confident"]), key=by_shift)
+    n_moved = min(len(moved), max(options.report_pairs - len(refused), (options.report_pairs + 1) // 2))
+    return moved[:n_moved] + refused[: options.report_pairs - n_moved]
 
 
 def write_report(

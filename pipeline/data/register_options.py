@@ -9,12 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.common.config import read_settings, setting
+from pipeline.common.config import ParamsError, read_settings, setting
 
 #: What the step does with the alignment of each accepted pair (``register.align``):
 #: ``off`` does not estimate it; ``check`` estimates and records it and writes the decoded images
 #: unchanged; ``correct`` also warps the visible image of a *confident* pair onto the IR frame.
 ALIGN_MODES: tuple[str, ...] = ("off", "check", "correct")
+
+
+def _align_mode(value: str | bool, key: str) -> str:
+    """``register.align``; YAML reads an unquoted ``off`` as ``false``, which means ``off`` here."""
+    if value is False:
+        return "off"
+    if value not in ALIGN_MODES:
+        raise ParamsError(f"params: '{key}' must be one of {list(ALIGN_MODES)}, got {value!r}")
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,7 @@ class AlignOptions:
         report_pairs: how many flagged pairs the picture shows.
     """
 
-    align: str = setting("check", str, choices=list(ALIGN_MODES))
+    align: str = setting("check", (str, bool), convert=_align_mode)
     search_px: float = setting(12.0, float, minimum=1.0)
     min_score: float = setting(0.15, float, minimum=0.0, maximum=1.0)
     max_disagreement_px: float = setting(1.5, float, minimum=0.0)

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from conftest import shared_dataset
 from pipeline.data import align
@@ -116,8 +117,10 @@ def test_align_options_from_params():
 
     assert AlignOptions.from_params({"align": "correct", "search_px": 8}).search_px == 8.0
     assert AlignOptions.from_params({"raw_dir": "x"}) == AlignOptions()
+    assert AlignOptions.from_params(yaml.safe_load("align: off")).align == "off"  # YAML reads off as false
     for cfg, key in (({"align": "fix"}, "register.align"), ({"min_score": 2}, "register.min_score"),
-                     ({"max_disagreement_px": -1}, "register.max_disagreement_px"), ({"motion": "affine"}, "register.motion")):
+                     ({"max_disagreement_px": -1}, "register.max_disagreement_px"), ({"motion": "affine"}, "register.motion"),
+                     ({"align": True}, "register.align")):
         with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
             AlignOptions.from_params(cfg)
     with pytest.raises(ValueError, match="register.align"):
