@@ -136,8 +136,15 @@ def run_grid(args: argparse.Namespace) -> int:
     while _queue_busy():
         time.sleep(20)
     log.info("ablations: queue done in %.0f s", time.time() - t0)
-    return run_report(argparse.Namespace(json=None, tag=args.tag, md=args.md, png=args.png,
-                                         command="mda ablations run " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])))
+    command = "mda ablations run" + "".join(" " + a for a in sys.argv[sys.argv.index("run") + 1:]) \
+        if "run" in sys.argv else "mda ablations run"
+    code = run_report(argparse.Namespace(json=None, tag=args.tag, md=args.md, png=args.png, command=command))
+    status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
+    failed = [line for line in status.splitlines() if "Failed" in line]
+    if failed:
+        print("failed experiments (`dvc queue logs NAME`):\n" + "\n".join(failed), file=sys.stderr)
+        return 1
+    return code
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -150,6 +157,9 @@ def run_report(args: argparse.Namespace) -> int:
     records = ab.load_exp_show(text)
     names = [v.name for v in ab.VARIANTS]
     picked = ab.pick_records(records, names, args.tag)
+    failed = sorted(r.name for r in records if r.failed and ab.variant_of(r.name, names))
+    if failed:
+        log.warning("ablations: failed experiments left out: %s", failed)
     if not picked:
         raise ValueError(f"no experiment named {ab.EXP_PREFIX}<variant>{'-' + args.tag if args.tag else ''} "
                          "in `dvc exp show` (run `mda ablations run` first)")

@@ -71,7 +71,8 @@ VARIANTS: tuple[Variant, ...] = (
 #: (3 epochs x 800 patches / (4 x 2 workers) = 300 optimiser steps, seed 2024) and the full model's
 #: loss terms. About 8 minutes per variant on 2 cores (README "Ablations").
 GRID_BUDGET: dict[str, Any] = {
-    "register.align": "off",            # the datasets are scored as shipped ('check' writes the same pixels)
+    # register.align stays 'check' (pixels written as decoded): DVC's -S writes YAML 1.2, where a
+    # plain `off` is a string, but params.yaml is read as YAML 1.1, where it is the boolean false
     "crop.patch_size": 64,
     "crop.stride": 128,                 # ~5.7k patches over the 288 training/validation pairs
     "train.epochs": 3,
@@ -105,7 +106,17 @@ def format_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
-    return str(value)
+    text = str(value)
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            same = yaml.safe_load(text) == value
+        except yaml.YAMLError:
+            same = False
+        if not same:  # 'off', 'yes', '1e3', '' ...: YAML would read another type
+            return "'" + text.replace("'", "''") + "'"
+    return text
 
 
 def select_variants(names: Sequence[str] | None, variants: Sequence[Variant] = VARIANTS) -> list[Variant]:
@@ -172,6 +183,7 @@ class ExpRecord:
         name: experiment name (``abl-add``), rev: its commit, baseline: the commit it is based on.
         params: ``params.yaml`` (nested), metrics: metrics file -> its content.
         timestamp: DVC's timestamp string.
+        failed: DVC reports an error for the run (its metrics are missing or stale).
     """
 
     name: str
@@ -180,6 +192,7 @@ class ExpRecord:
     params: dict[str, Any]
     metrics: dict[str, Any]
     timestamp: str | None = None
+    failed: bool = False
 
 
 def _files_data(node: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -205,10 +218,12 @@ def parse_exp_show(doc: Any) -> list[ExpRecord]:
                 name = rev.get("name") or exp.get("name") or ""
                 if not data or not name:
                     continue
+                state = ((exp.get("executor") or {}).get("state") or "").lower()
                 records.append(ExpRecord(
                     name=str(name), rev=str(rev.get("rev") or data.get("rev") or ""), baseline=baseline,
                     params=_files_data(data.get("params")).get("params.yaml", {}),
                     metrics=_files_data(data.get("metrics")), timestamp=data.get("timestamp"),
+                    failed=bool(rev.get("error")) or state == "failed",
                 ))
     return records
 
@@ -226,11 +241,11 @@ def variant_of(name: str, variants: Sequence[str]) -> str | None:
 
 def pick_records(records: Sequence[ExpRecord], variants: Sequence[str], tag: str | None = None) -> dict[str, ExpRecord]:
     """Variant -> its experiment (with ``tag``: only ``abl-<variant>-<tag>``; without: the newest
-    ``abl-<variant>[-*]`` by timestamp)."""
+    ``abl-<variant>[-*]`` by timestamp). Failed experiments are never picked."""
     out: dict[str, ExpRecord] = {}
     for r in records:
         v = variant_of(r.name, variants)
-        if v is None or (tag is not None and r.name != exp_name(v, tag)):
+        if v is None or r.failed or (tag is not None and r.name != exp_name(v, tag)):
             continue
         if v not in out or (r.timestamp or "") > (out[v].timestamp or ""):
             out[v] = r
