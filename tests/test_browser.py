@@ -229,9 +229,16 @@ class Page:
 IMAGES_JS = "Array.from(document.images).map(i => ({src: i.src.slice(0, 80), w: i.naturalWidth, ok: i.complete}))"
 
 
-def column_order(page: Page, table: str, column: int) -> list[str]:
-    """The first-cell text of each body row of ``table`` (a CSS selector), and click header ``column``."""
-    return page.eval(f"Array.from(document.querySelector('{table}').tBodies[0].rows).map(r => r.cells[0].textContent)")
+def column_order(page: Page, table: str, column: int = 0) -> list[str]:
+    """The text of cell ``column`` of each body row of ``table`` (a CSS selector), top to bottom."""
+    return page.eval(f"Array.from(document.querySelector('{table}').tBodies[0].rows).map(r => r.cells[{column}].textContent)")
+
+
+def column_values(page: Page, table: str, label: str) -> list[float]:
+    """The numbers (``data-value``) of the column of ``table`` headed ``label``, top to bottom."""
+    return page.eval(f"""(() => {{ const t = document.querySelector('{table}');
+        const k = Array.from(t.tHead.rows[0].cells).findIndex(c => c.textContent.trim().startsWith('{label}'));
+        return Array.from(t.tBodies[0].rows).map(r => parseFloat(r.cells[k].dataset.value)); }})()""")
 
 
 def click_header(page: Page, table: str, label: str) -> list[str]:
@@ -252,12 +259,11 @@ def check_report_page(page: Page, shot: Path) -> dict[str, Any]:
     # Sorting: VIF ascending, then descending, reorders the rows by their VIF cell.
     vif_col = page.eval("Array.from(document.querySelector('#pairs').tHead.rows[0].cells).findIndex(c => c.textContent.trim() === 'VIF')")
     assert vif_col > 0
-    values = f"Array.from(document.querySelector('#pairs').tBodies[0].rows).map(r => parseFloat(r.cells[{vif_col}].dataset.value))"
     before = column_order(page, "#pairs", 0)
     up = click_header(page, "#pairs", "VIF")
-    vif_up = page.eval(values)
+    vif_up = column_values(page, "#pairs", "VIF")
     down = click_header(page, "#pairs", "VIF")
-    vif_down = page.eval(values)
+    vif_down = column_values(page, "#pairs", "VIF")
     assert vif_up == sorted(vif_up) and vif_down == sorted(vif_down, reverse=True), (vif_up, vif_down)
     assert sorted(up) == sorted(before) and len(up) == len(before)
     if len(set(vif_up)) > 1:
@@ -267,6 +273,8 @@ def check_report_page(page: Page, shot: Path) -> dict[str, Any]:
     means_before = column_order(page, "#means", 0)
     click_header(page, "#means", "VIF")
     assert sorted(column_order(page, "#means", 0)) == sorted(means_before)
+    means_vif = column_values(page, "#means", "VIF")
+    assert means_vif == sorted(means_vif), means_vif
 
     # A click on a thumbnail shows the full-size image (a file beside the page).
     thumb = page.eval("(() => { const a = document.querySelector('#pairs a.full'); a.click(); return a.getAttribute('href'); })()")
