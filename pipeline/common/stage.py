@@ -14,16 +14,24 @@ environment error (``FileNotFoundError``, ``ValueError`` including ``ParamsError
 and ``OutputError``, any other ``OSError`` such as a full disk, ``MlflowUnavailable``, and
 ``RuntimeError`` for stages that declare it) is printed as one line ``<stage>: error: <message>``
 and the script exits 1; Ctrl-C exits 130 with one line; anything else is a bug and keeps its
-traceback.
+traceback. Run as a script (``argv=None``), the process ignores SIGINT once ``run_stage`` returns,
+so a late Ctrl-C during interpreter teardown cannot turn a finished or cleanly interrupted stage
+into a crash.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import signal
 import sys
+import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.common.config import load_params
@@ -31,11 +39,17 @@ from pipeline.common.mlflow_store import MlflowUnavailable, require_tracking_sto
 from pipeline.common.preflight import OutputKind, check_output
 from pipeline.common.ray_runtime import ray_options, ray_session
 
+log = logging.getLogger(__name__)
+
 #: Errors a stage reports as one line (exit 1) instead of a traceback (``OSError`` covers a full
 #: disk, a folder made read-only mid-run and ``MlflowUnavailable``).
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, OSError, MlflowUnavailable)
 #: Exit status of a stage stopped by Ctrl-C / SIGINT (128 + 2, as shells report it).
 INTERRUPTED = 130
+#: Modules whose lock handling must not be interrupted by ``KeyboardInterrupt`` (``_Interrupts``).
+_LOCK_MODULES = (f"logging{os.sep}__init__.py", "threading.py")
+#: Seconds a script's cleanup after Ctrl-C may take before it exits anyway (``_Interrupts``).
+INTERRUPT_GRACE_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,62 @@ def run_stage(
         arg.add_to(parser)
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv is None:  # a script: Ctrl-C is bounded (see _Interrupts)
+        outputs = [Path(getattr(ns, a.dest)) for a in args if a.output and getattr(ns, a.dest) is not None]
+        signal.signal(signal.SIGINT, _Interrupts(name, outputs).handle)
+    try:
+        return _run_checked(name, run, args, ns, ray, mlflow, errors)
+    finally:
+        if argv is None:  # its work is over: a late Ctrl-C must not change its exit status
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _Interrupts:
+    """SIGINT handler of a stage script: the first Ctrl-C raises ``KeyboardInterrupt`` (the stage
+    removes its staging folder and exits 130); if that cleanup has not ended ``INTERRUPT_GRACE_S``
+    seconds later (Ray Data 2.60 can deadlock when interrupted mid-iteration), or on a second
+    Ctrl-C, the staging files this run made beside its outputs are removed and the process exits
+    130 at once. The outputs themselves are never touched: they are replaced only at the very end.
+    """
+
+    def __init__(self, name: str, outputs: Sequence[Path]) -> None:
+        self.name = name
+        self.outputs = list(outputs)
+        self.started = time.time()
+        self.count = 0
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The signal handler (a Ctrl-C that lands inside a lock of ``logging`` or ``threading`` is
+        re-delivered 50 ms later: raised there, it would leave the lock held and hang the cleanup)."""
+        if frame is not None and frame.f_code.co_filename.endswith(_LOCK_MODULES):
+            threading.Timer(0.05, os.kill, args=(os.getpid(), signum)).start()
+            return
+        self.count += 1
+        if self.count > 1:
+            self.exit_now("second interrupt")
+        timer = threading.Timer(INTERRUPT_GRACE_S, self.exit_now, args=(f"cleanup took over {INTERRUPT_GRACE_S:g} s",))
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    def exit_now(self, why: str) -> None:
+        """Remove this run's staging files and folders, then exit 130 without further cleanup."""
+        for output in self.outputs:
+            for pattern in (f".{output.name}.tmp-*", f".{output.name}.*.tmp"):
+                for entry in output.parent.glob(pattern):
+                    try:
+                        if entry.stat().st_mtime >= self.started - 1:
+                            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    except OSError:
+                        pass
+        print(f"{self.name}: interrupted ({why}; staging removed, outputs intact)", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED)
+
+
+def _run_checked(name: str, run: Callable[[argparse.Namespace, Mapping[str, Any]], str | None],
+                 args: Sequence[Arg], ns: argparse.Namespace, ray: bool, mlflow: bool,
+                 errors: Sequence[type[BaseException]]) -> int:
+    """``run_stage`` after parsing: checks, Ray session, the stage's work, errors -> exit code."""
     try:
         params = load_params(ns.params)
         for arg in args:
@@ -106,6 +176,7 @@ def run_stage(
                 check_output(value, arg.output, arg.flag)
         if mlflow:
             require_tracking_store()
+        log.info("%s: outputs checked, running", name)
         with ray_session(**ray_options(params)) if ray else nullcontext():
             message = run(ns, params)
     except tuple(errors) as exc:
