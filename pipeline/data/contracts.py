@@ -45,12 +45,22 @@ PATCH_SCHEMA = pa.schema(
 )
 
 #: Columns of ``manifest.parquet``: one row per pair found, accepted (``status == "ok"``) or
-#: rejected (``status == "rejected"``, ``reason`` a code). ``transform`` is the *estimated* 2x3
-#: affine (row-major) mapping IR pixel coordinates to coordinates of the original visible image
-#: (identity when no estimate); it was applied to the written visible image iff ``corrected``.
-#: ``shift_px`` is its largest displacement over the four corners and the centre; ``align_score``
-#: the correlation of the gradient magnitudes after alignment; ``align_error`` says why an estimate
-#: was not used.
+#: rejected (``status == "rejected"``, ``reason`` a code). ``transform`` is the estimated IR ->
+#: visible warp (2x3 affine, row-major; the ECC translation, or in ``correct`` mode the rigid fit of
+#: a confident pair; identity when no estimate), applied to the written visible image iff
+#: ``corrected``; ``shift_px`` its largest displacement over the four corners and the centre;
+#: ``align_score`` the gradient correlation of the ECC estimate; ``align_error`` the refusal reason
+#: (null when confident or not checked). The alignment columns (null for rejected pairs; all but
+#: ``align_mode`` null when ``register.align`` is ``off``):
+#:
+#: - ``align_mode``: ``off``, ``check`` or ``correct``;
+#: - ``confident``: the estimate is proven (both estimators agree, see ``pipeline.data.align``);
+#: - ``align_reason``: ``agree: ...`` or the refusal code (``ecc_failed``, ``implausible_shift``,
+#:   ``low_score``, ``disagree``) and its figures;
+#: - ``ecc_shift``, ``mi_shift``: the two estimates (dx, dy) in pixels (``ecc_shift`` null when
+#:   the ECC failed);
+#: - ``identity_score``: gradient correlation of the pair as decoded;
+#: - ``disagreement_px``: largest per-axis difference of the two estimates.
 MANIFEST_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
@@ -66,6 +76,13 @@ MANIFEST_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("reason", pa.string()),
         ("align_error", pa.string()),
+        ("align_mode", pa.string()),
+        ("confident", pa.bool_()),
+        ("align_reason", pa.string()),
+        ("ecc_shift", pa.list_(pa.float64())),
+        ("mi_shift", pa.list_(pa.float64())),
+        ("identity_score", pa.float64()),
+        ("disagreement_px", pa.float64()),
     ]
 )
 

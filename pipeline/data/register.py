@@ -49,42 +49,9 @@ from pipeline.data.register_options import AlignOptions
 
 log = logging.getLogger(__name__)
 
-#: Alignment columns the register stage adds to :data:`pipeline.data.contracts.MANIFEST_SCHEMA`
-#: (null for rejected pairs; all but ``align_mode`` null when ``align`` is ``off``):
-#:
-#: - ``align_mode``: ``off``, ``check`` or ``correct``;
-#: - ``confident``: the estimate is proven (both estimators agree, see ``pipeline.data.align``);
-#: - ``align_reason``: ``agree: ...`` or the refusal code (``ecc_failed``, ``implausible_shift``,
-#:   ``low_score``, ``disagree``) and its figures;
-#: - ``ecc_shift``, ``mi_shift``: the two estimates (dx, dy) in pixels (``ecc_shift`` null when
-#:   the ECC failed);
-#: - ``identity_score``: gradient correlation of the pair as decoded;
-#: - ``disagreement_px``: largest per-axis difference of the two estimates.
-#:
-#: The base columns keep their meaning: ``transform`` is the estimated IR -> visible warp (the
-#: ECC translation, or in ``correct`` the rigid fit of a confident pair), applied iff
-#: ``corrected``; ``shift_px`` its largest displacement over corners and centre; ``align_score``
-#: the gradient correlation of the ECC estimate; ``align_error`` the refusal reason (null when
-#: confident or not checked).
-ALIGN_COLUMNS: tuple[pa.Field, ...] = (
-    pa.field("align_mode", pa.string()),
-    pa.field("confident", pa.bool_()),
-    pa.field("align_reason", pa.string()),
-    pa.field("ecc_shift", pa.list_(pa.float64())),
-    pa.field("mi_shift", pa.list_(pa.float64())),
-    pa.field("identity_score", pa.float64()),
-    pa.field("disagreement_px", pa.float64()),
-)
-
 #: File names of the alignment report.
 REPORT_METRICS = "alignment.json"
 REPORT_PICTURE = "alignment.png"
-
-
-def manifest_schema() -> pa.Schema:
-    """Schema of ``manifest.parquet``: the shared manifest columns, then those of
-    :data:`ALIGN_COLUMNS` that :data:`pipeline.data.contracts.MANIFEST_SCHEMA` does not hold yet."""
-    return pa.schema(list(MANIFEST_SCHEMA) + [f for f in ALIGN_COLUMNS if f.name not in MANIFEST_SCHEMA.names])
 
 
 class NoPairsError(ValueError):
@@ -111,7 +78,7 @@ def _read(reader: Any, path: str, what: str) -> np.ndarray:
 
 
 def _empty_row(pair_id: str, ir: str | None, vi: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = {name: None for name in manifest_schema().names}
+    row: dict[str, Any] = {name: None for name in MANIFEST_SCHEMA.names}
     row.update(pair_id=pair_id, ir_src=ir, vi_src=vi, corrected=False, status="rejected")
     return row
 
@@ -344,7 +311,7 @@ def _no_pairs_message(rows: list[dict[str, Any]], ir_dir: str | Path, vi_dir: st
 
 
 def _write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
-    table = pa.Table.from_pylist(rows, schema=manifest_schema())
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     with atomic_writer(path, "wb") as fh:
         pq.write_table(table, fh)
 

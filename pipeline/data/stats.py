@@ -45,7 +45,6 @@ import cv2
 import numpy as np
 
 from pipeline.common.atomic_io import read_json_object
-from pipeline.data.contracts import WEIGHT_NAMES  # noqa: F401  (re-exported: the weights this module computes)
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,13 @@ import yaml
 
 from conftest import shared_dataset
 from pipeline.data import align
-from pipeline.data.contracts import read_accepted_pairs
+from pipeline.data.contracts import MANIFEST_SCHEMA, read_accepted_pairs
 from pipeline.data.demo import generate_demo, synth_pair
 from pipeline.data.images import read_ir, read_visible, write_image
 from pipeline.data.register import (
     REPORT_METRICS,
     REPORT_PICTURE,
     NoPairsError,
-    manifest_schema,
     register_dataset,
     register_pair,
 )
@@ -158,7 +157,7 @@ def test_each_rejection_reason(tmp_path, ray_local):
     assert summary.rejected == {"constant_image": 2, "missing_partner": 2, "size_mismatch": 1,
                                 "unreadable": 1, "unsupported_format": 1}
     table = pq.read_table(tmp_path / "out/manifest.parquet")
-    assert table.schema.equals(manifest_schema())
+    assert table.schema.equals(MANIFEST_SCHEMA)
     rows = {r["pair_id"]: r for r in table.to_pylist()}
     assert rows["good"]["status"] == "ok" and rows["good"]["reason"] is None
     assert len(rows["good"]["transform"]) == 6 and rows["good"]["vi_channels"] == 3
