@@ -71,6 +71,7 @@ def test_a_pair_too_large_is_refused_and_the_others_are_fused(folders, tmp_path,
     assert "mda fuse: 2 fused, 1 failed" in err and "failed: " in err
 
 
+@pytest.mark.faults
 def test_under_a_real_address_space_limit(folders, tmp_path, weights):
     """A child under ``RLIMIT_AS`` of 3 GiB: the automatic limit refuses 'big' before fusing it, and
     with the estimate overridden (--max-memory 100G) the allocator's failure is caught the same way."""

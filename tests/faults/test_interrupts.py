@@ -20,11 +20,11 @@ pytestmark = pytest.mark.faults
 STAGES = {
     "params": ("params_check.json", 0.0),
     "demo": ("demo", 0.2),
-    "register": ("registered", 4.0),
-    "crop": ("patches", 4.0),
-    "stats": ("stats", 4.0),
-    "train": ("models", 20.0),
-    "evaluate": ("eval", 4.0),
+    "register": ("registered", 2.0),
+    "crop": ("patches", 2.0),
+    "stats": ("stats", 2.0),
+    "train": ("models", 8.0),  # Ray Train is starting its workers
+    "evaluate": ("eval", 2.0),
     "promote": ("promotion.json", 0.5),
 }
 
