@@ -140,7 +140,8 @@ def run_grid(args: argparse.Namespace) -> int:
         if "run" in sys.argv else "mda ablations run"
     code = run_report(argparse.Namespace(json=None, tag=args.tag, md=args.md, png=args.png, command=command))
     status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
-    failed = [line for line in status.splitlines() if "Failed" in line]
+    ours = {ab.exp_name(v.name, args.tag) for v in variants}
+    failed = [line for line in status.splitlines() if "Failed" in line and set(line.split()) & ours]
     if failed:
         print("failed experiments (`dvc queue logs NAME`):\n" + "\n".join(failed), file=sys.stderr)
         return 1
@@ -172,7 +173,8 @@ def run_report(args: argparse.Namespace) -> int:
     notes = ["SMOKE RUN on the synthetic demo data (a handful of steps): the numbers only prove the machinery."] if smoke else []
     md = ab.markdown_report(
         rows, ab.VARIANTS, command=args.command or "mda ablations run", commit=", ".join(baselines),
-        machine=machine(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes)
+        machine=machine(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes,
+        test_desc="the test split of the demo data" if smoke else None)
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text(md)
     ab.write_chart(rows, args.png, title="SMOKE RUN (demo data)" if smoke else "")

@@ -301,14 +301,14 @@ def _delta(x: float | None, ref: float | None) -> str:
 
 
 def markdown_report(rows: Sequence[Row], variants: Sequence[Variant], *, command: str, commit: str,
-                    machine: str = "", date: str = "", n_test: int | None = None, notes: Sequence[str] = ()) -> str:
+                    machine: str = "", date: str = "", test_desc: str | None = None, notes: Sequence[str] = ()) -> str:
     """``docs/ablations.md``: one row per variant, the 8 headline means (difference to the full
     model in parentheses, a bold **+** where the variant beats it), params, GFLOPs, training
     seconds, and how many of the 8 metrics beat the full model."""
     by_name = {v.name: v for v in variants}
     full = next((r for r in rows if r.variant == "full"), None)
     lines = ["# Ablations", ""]
-    test = f"the {n_test} TNO test pairs" if n_test else "the pinned TNO test pairs (TNO-25)"
+    test = test_desc or "the pinned TNO test pairs (TNO-25)"
     lines += [f"Means over {test} of the 8 headline metrics (CDDFuse conventions; higher is better for all), "
               "one DVC experiment per variant, equal budget (same seed, same number of optimiser steps). "
               "In parentheses: the difference to the full model; **+** marks a variant that beats it. "
