@@ -56,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = sub.add_parser("report", help="dvc exp show --json -> the Markdown table and the bar chart")
     p.add_argument("--json", type=Path, default=None, help="a saved `dvc exp show --json` (default: run it)")
     p.add_argument("--tag", default=None, help="only experiments abl-<variant>-<tag>")
-    p.add_argument("--command", default=None, help="the grid command to record (default: the one of `run`)")
+    p.add_argument("--command", dest="record_command", default=None,
+                   help="the grid command to record (default: `mda ablations run`)")
     p.add_argument("--md", type=Path, default=Path("docs/ablations.md"))
     p.add_argument("--png", type=Path, default=Path("docs/ablations.png"))
     p.set_defaults(func=run_report)
@@ -138,7 +139,7 @@ def run_grid(args: argparse.Namespace) -> int:
     log.info("ablations: queue done in %.0f s", time.time() - t0)
     command = "mda ablations run" + "".join(" " + a for a in sys.argv[sys.argv.index("run") + 1:]) \
         if "run" in sys.argv else "mda ablations run"
-    code = run_report(argparse.Namespace(json=None, tag=args.tag, md=args.md, png=args.png, command=command))
+    code = run_report(argparse.Namespace(json=None, tag=args.tag, md=args.md, png=args.png, record_command=command))
     status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
     ours = {ab.exp_name(v.name, args.tag) for v in variants}
     failed = [line for line in status.splitlines() if "Failed" in line and set(line.split()) & ours]
@@ -154,7 +155,9 @@ def run_report(args: argparse.Namespace) -> int:
     if args.json is not None:
         text = Path(args.json).read_text()
     else:
-        text = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout
+        # every commit's experiments: the grid's baseline need not be HEAD any more
+        text = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True,
+                              check=True).stdout
     records = ab.load_exp_show(text)
     names = [v.name for v in ab.VARIANTS]
     picked = ab.pick_records(records, names, args.tag)
@@ -172,7 +175,7 @@ def run_report(args: argparse.Namespace) -> int:
     smoke = any(ab.get_dotted(r.params, "register.raw_dir") == "data/demo" for r in picked.values())
     notes = ["SMOKE RUN on the synthetic demo data (a handful of steps): the numbers only prove the machinery."] if smoke else []
     md = ab.markdown_report(
-        rows, ab.VARIANTS, command=args.command or "mda ablations run", commit=", ".join(baselines),
+        rows, ab.VARIANTS, command=args.record_command or "mda ablations run", commit=", ".join(baselines),
         machine=machine(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes,
         test_desc="the test split of the demo data" if smoke else None)
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
