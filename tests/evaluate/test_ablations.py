@@ -55,7 +55,7 @@ def test_grid_commands_queue_every_variant_with_the_common_budget():
         assert cmd[:4] == ["dvc", "exp", "run", "--queue"]
         sets = dict(a.split("=", 1) for a in cmd[6:][1::2])
         # the same seed and number of optimiser steps for everyone; absolute data paths
-        assert sets["train.seed"] == "2024" and sets["train.epochs"] == "3" and sets["train.max_train_patches"] == "800"
+        assert sets["train.seed"] == "2024" and sets["train.epochs"] == "3" and sets["train.max_train_patches"] == "640"
         assert sets["register.raw_dir"].startswith("/") and sets["crop.test_list"].startswith("/")
         for key, value in v.overrides.items():
             assert sets[key] == ab.format_value(value)
