@@ -181,3 +181,25 @@ def test_raw_folder_links_every_pair(tmp_path):
         ab.build_raw_folder(tmp_path / "raw2", tmp_path, ["A", "B"])
     data = ab.recipe_data(REPO / "recipes" / "cpu.yaml")
     assert ab.dataset_list(data) == ["RoadScene", "MSRS", "TNO"]
+
+
+def test_report_of_the_real_smoke_run(tmp_path, monkeypatch):
+    """`dvc exp show --json --all-commits` as DVC 3.67 wrote it after `mda ablations run --smoke --tag s2`
+    (two successful experiments and the two failed ones of a first attempt)."""
+    from pipeline.cli import main
+
+    doc = REPO / "tests" / "evaluate" / "data" / "ablations_exp_show_smoke.json"
+    records = ab.load_exp_show(doc.read_text())
+    assert sorted((r.name, r.failed) for r in records) == [
+        ("abl-add", True), ("abl-add-s2", False), ("abl-full", True), ("abl-full-s2", False)]
+    picked = ab.pick_records(records, [v.name for v in ab.VARIANTS])
+    assert {k: r.name for k, r in picked.items()} == {"full": "abl-full-s2", "add": "abl-add-s2"}
+    assert picked["add"].params["model"]["args"]["fusion"] == "add"
+    rows = ab.table_rows(picked, [v.name for v in ab.VARIANTS])
+    assert all(r.means[m] is not None for r in rows for m in ab.HEADLINE) and all(r.train_s > 0 for r in rows)
+    monkeypatch.chdir(tmp_path)
+    full_size = ab.complexity
+    monkeypatch.setattr(ab, "complexity", lambda args, name="mda": full_size(args, name, size=(1, 1, 32, 32)))
+    assert main(["ablations", "report", "--json", str(doc), "--md", "a.md", "--png", "a.png"]) == 0
+    text = (tmp_path / "a.md").read_text()
+    assert "SMOKE RUN" in text and "the test split of the demo data" in text and "`abl-add-s2`" in text
