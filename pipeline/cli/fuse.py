@@ -2,6 +2,7 @@
 
 Examples::
 
+    mda fuse ir.png vis.png -o fused.png                      # the shipped model (DEFAULT_WEIGHTS)
     mda fuse ir.png vis.png -o fused.png --weights models/best.pt
     mda fuse --ir data/TNO/ir --vi data/TNO/vi -o out/ --weights fusion_model.pth
 
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: The model used without --weights/--model: the shipped pretrained model (card beside it,
+#: models/pretrained/mda_cpu.json; trained by `mda recipe`).
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "pretrained" / "mda_cpu.pt"
 
 #: Peak memory of fusing one pair, per (padded) pixel: measured 1431 B/px with the default network
 #: (peak RSS of ``Fuser`` at 1024x1024 and 1536x1024 on 1 and 2 threads), rounded up.
@@ -87,7 +92,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="output file (single pair) or folder (folders)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--weights", metavar="FILE",
-                     help="our checkpoint (e.g. models/best.pt) or the authors' fusion_model.pth")
+                     help="our checkpoint (e.g. models/best.pt) or the authors' fusion_model.pth "
+                          "(default, without --model: the shipped models/pretrained/mda_cpu.pt)")
     src.add_argument("--model", metavar="URI",
                      help="registered model, e.g. models:/mda-fusion@champion (MLflow registry)")
     parser.add_argument(
@@ -120,8 +126,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if not single and not folders:
         raise ValueError("nothing to fuse: give IR VIS or --ir DIR --vi DIR")
     if args.weights is None and args.model is None:
-        raise ValueError("no model given: pass --weights FILE (our checkpoint or the authors' "
-                         "fusion_model.pth) or --model models:/NAME@ALIAS")
+        if not DEFAULT_WEIGHTS.is_file():
+            raise ValueError(f"no model given and the shipped model {DEFAULT_WEIGHTS} is missing: pass "
+                             "--weights FILE (our checkpoint or the authors' fusion_model.pth) or "
+                             "--model models:/NAME@ALIAS")
+        args.weights = str(DEFAULT_WEIGHTS)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.max_pixels is not None and args.max_pixels < 1:

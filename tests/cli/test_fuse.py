@@ -82,9 +82,10 @@ def test_fuse_our_checkpoint_defaults_to_clip(tmp_path, capsys):
     assert stretched.min() == 0 and stretched.max() == 255
 
 
-def test_fuse_usage_errors(tmp_path, capsys):
+def test_fuse_usage_errors(tmp_path, capsys, monkeypatch):
     a = tmp_path / "a.png"
     write_image(a, np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr("pipeline.cli.fuse.DEFAULT_WEIGHTS", tmp_path / "no_shipped_model.pt")
     assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png")]) == 1
     assert "no model given" in capsys.readouterr().err
     assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png"), "--model", "models:/mda@champion"]) == 1
