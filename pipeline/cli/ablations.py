@@ -177,13 +177,30 @@ def run_report(args: argparse.Namespace) -> int:
     md = ab.markdown_report(
         rows, ab.VARIANTS, command=args.record_command or "mda ablations run", commit=", ".join(baselines),
         machine=machine(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes,
-        test_desc="the test split of the demo data" if smoke else None)
+        test_desc=_test_desc(list(picked.values()), smoke))
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text(md)
     ab.write_chart(rows, args.png, title="SMOKE RUN (demo data)" if smoke else "")
     print(md)
     print(f"wrote {args.md} and {args.png}")
     return 0
+
+
+def _test_desc(records: list, smoke: bool) -> str | None:
+    """How the table describes its test set (None: the grid's own, TNO-25)."""
+    from pipeline.evaluate import ablations as ab
+
+    if smoke:
+        return "the test split of the demo data"
+    lists = {ab.get_dotted(r.params, "crop.test_list") for r in records}
+    limits = {ab.get_dotted(r.params, "evaluate.max_pairs") for r in records}
+    if lists != {ab.get_dotted(records[0].params, "crop.test_list")} or None in lists and len(lists) == 1:
+        return "the test split" + ("s (they differ between experiments!)" if len(lists) > 1 else "")
+    if limits != {None}:
+        return f"the first {sorted(x for x in limits if x is not None)[0]} pairs of the test list {sorted(lists)[0]}"
+    if not str(sorted(lists)[0]).endswith("subset_CDDFuse_test25.txt"):
+        return f"the pairs of the test list {sorted(lists)[0]}"
+    return None
 
 
 def machine() -> str:
