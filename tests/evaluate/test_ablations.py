@@ -203,3 +203,16 @@ def test_report_of_the_real_smoke_run(tmp_path, monkeypatch):
     assert main(["ablations", "report", "--json", str(doc), "--md", "a.md", "--png", "a.png"]) == 0
     text = (tmp_path / "a.md").read_text()
     assert "SMOKE RUN" in text and "the test split of the demo data" in text and "`abl-add-s2`" in text
+
+
+def test_run_dry_run_prints_the_dvc_commands(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["ablations", "run", "--dry-run", "--variants", "full", "single_scale", "--tag", "t",
+                 "--raw", str(tmp_path / "raw")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[-1] == "dvc queue start -j 1"
+    assert lines[0].startswith("dvc exp run --queue -n abl-full-t -S ")
+    assert "-S model.args.scales=1" in lines[1] and f"-S register.raw_dir={tmp_path / 'raw'}" in lines[1]
+    assert not (tmp_path / "raw").exists()  # a dry run builds nothing
