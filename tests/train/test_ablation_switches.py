@@ -38,7 +38,11 @@ def variant_params(variant: Variant) -> dict:
     return params
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+#: the grid's variants, plus the switch value the grid does not use (1x + 2x)
+CASES = (*VARIANTS, Variant("two_scales", {"model.args.scales": 2}))
+
+
+@pytest.mark.parametrize("variant", CASES, ids=[v.name for v in CASES])
 def test_two_training_steps_per_variant(variant, tmp_path):
     params = variant_params(variant)
     name, args = model_config(params["model"])
@@ -62,7 +66,7 @@ def test_two_training_steps_per_variant(variant, tmp_path):
     if "model.args.fusion" in variant.overrides:
         assert model.fusion == variant.overrides["model.args.fusion"]
     if "model.args.scales" in variant.overrides:
-        assert model.scales == variant.overrides["model.args.scales"] and model.enc2 is None
+        assert model.scales == variant.overrides["model.args.scales"] and model.enc4 is None
     if "loss.intensity.target" in variant.overrides:
         assert loss_fn.intensity_target == variant.overrides["loss.intensity.target"]
     if params["stats"].get("weighting") == "fixed":
