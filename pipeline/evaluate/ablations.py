@@ -83,6 +83,8 @@ GRID_BUDGET: dict[str, Any] = {
     "train.batch_size": 4,
     "train.num_workers": 2,
     "train.seed": 2024,
+    "train.init_weights": None,         # every variant from the same random init (a pretrained full model
+                                        # would not fit the reduced networks, and would favour the full one)
     "train.val_max_pairs": 4,
     "evaluate.official_weights": None,  # the authors' weights are not part of the ablation
     "evaluate.max_pairs": None,
