@@ -58,7 +58,7 @@ class TrainSettings:
     shuffle_buffer: int = setting(64, int, minimum=0)
     max_train_patches: int | None = setting(256, int, minimum=1, allow_none=True)
     sample_weights: str = setting("image", str, choices=("image", "patch"))
-    init_weights: str | None = setting(None, str, allow_none=True)
+    init_weights: str | None = setting("models/pretrained/mda_cpu.pt", str, allow_none=True)
     num_workers: int = setting(2, int, minimum=1)
     use_gpu: bool = setting(False, bool)
     cpus_per_worker: float | None = setting(None, float, minimum=0.01, allow_none=True)
