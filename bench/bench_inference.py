@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.common.machine import cpu_model
 from pipeline.data.images import read_ir, read_visible, split_luma  # noqa: E402
 from pipeline.model.inference import Fuser, available_cores, pad_to_multiple, set_threads  # noqa: E402
 from pipeline.model.network import build_model  # noqa: E402
@@ -85,16 +86,8 @@ def load_pair(name: str, synthetic: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def machine_info() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu, "cores_available": available_cores(), "os_cpu_count": os.cpu_count(),
+        "cpu": cpu_model(), "cores_available": available_cores(), "os_cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
         "mkldnn": torch.backends.mkldnn.is_available(), "python": platform.python_version(),
         "load_average_1_5_15": list(os.getloadavg()),

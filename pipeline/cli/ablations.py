@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.common.machine import describe_machine
+
 log = logging.getLogger(__name__)
 
 DEFAULT_RAW = Path("data/ablation_raw")
@@ -176,7 +178,7 @@ def run_report(args: argparse.Namespace) -> int:
     notes = ["SMOKE RUN on the synthetic demo data (a handful of steps): the numbers only prove the machinery."] if smoke else []
     md = ab.markdown_report(
         rows, ab.VARIANTS, command=args.record_command or "mda ablations run", commit=", ".join(baselines),
-        machine=machine(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes,
+        machine=describe_machine(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes,
         test_desc=_test_desc(list(picked.values()), smoke))
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text(md)
@@ -201,20 +203,6 @@ def _test_desc(records: list, smoke: bool) -> str | None:
     if not str(sorted(lists)[0]).endswith("subset_CDDFuse_test25.txt"):
         return f"the pairs of the test list {sorted(lists)[0]}"
     return None
-
-
-def machine() -> str:
-    """Cores, CPU model and OS of this machine (for the report's provenance)."""
-    import os
-    import platform
-
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}"
 
 
 def run_cost(args: argparse.Namespace) -> int:

@@ -27,14 +27,15 @@ import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from pipeline.common.machine import describe_machine
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,8 @@ class PairImages:
 
 def collect_pairs(cfg: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], list[Any], list[str]]:
     """``(train [(dataset, Pair)], test [Pair], test_stems)`` from the data config."""
-    from pipeline.data.images import find_pairs
     from pipeline.data.crop import read_test_list
+    from pipeline.data.images import find_pairs
 
     d = cfg["data"]
     root = Path(d["root"])
@@ -539,18 +540,6 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], params: Mappi
     return card
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}"
-
-
 def run_recipe(cfg: Mapping[str, Any], params: Mapping[str, Any], out: str | Path, evaluate_only: Path | None = None,
                command: str | None = None) -> dict[str, Any]:
     out = Path(out)
@@ -559,7 +548,7 @@ def run_recipe(cfg: Mapping[str, Any], params: Mapping[str, Any], out: str | Pat
     train_pairs, test, test_stems = collect_pairs(cfg)
     leak = {p.stem for n, p in train_pairs if n == cfg["data"]["test_set"]} & set(test_stems)
     assert not leak, leak
-    summary: dict[str, Any] = {"config": cfg, "git_commit": git_commit(), "machine": machine()}
+    summary: dict[str, Any] = {"config": cfg, "git_commit": git_commit(), "machine": describe_machine()}
     import mlflow
 
     from pipeline.common.mlflow_store import configure_mlflow
