@@ -23,9 +23,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.data.images import find_pairs
+from pipeline.model.network import build_model, model_config
 
 #: The 8 headline metrics of the table (all: higher is better), in published order.
 HEADLINE: tuple[str, ...] = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM")
@@ -113,7 +123,6 @@ def format_value(value: Any) -> str:
         return repr(value)
     text = str(value)
     if isinstance(value, str):
-        import yaml
 
         try:
             same = yaml.safe_load(text) == value
@@ -174,7 +183,6 @@ def grid_commands(variants: Sequence[Variant], common: Mapping[str, Any], tag: s
 
 def shell_line(cmd: Sequence[str]) -> str:
     """One command as a copy-pasteable shell line."""
-    import shlex
 
     return " ".join(shlex.quote(c) for c in cmd)
 
@@ -381,10 +389,8 @@ def relative_differences(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
 def write_chart(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     """``docs/ablations.png``: one panel per headline metric, one bar per variant: difference to
     the full model in percent (above 0: the variant is better)."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rel = relative_differences(rows)
     names = list(rel)
@@ -413,10 +419,6 @@ def complexity(model_args: Mapping[str, Any], name: str = "mda", size: Sequence[
     """``(parameters, GFLOPs)`` of a network: FLOPs of one forward pass on an IR/visible pair of
     ``size`` counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
     products, 2 FLOPs per multiply-add; element-wise operations are not counted)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.model.network import build_model
 
     net = build_model(name, **dict(model_args)).eval()
     params = sum(p.numel() for p in net.parameters())
@@ -428,7 +430,6 @@ def complexity(model_args: Mapping[str, Any], name: str = "mda", size: Sequence[
 
 def model_args_of(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(name, args)`` of the ``model:`` section of an experiment's params (validated)."""
-    from pipeline.model.network import model_config
 
     return model_config(dict(params.get("model") or {}))
 
@@ -442,7 +443,6 @@ def build_raw_folder(out: str | Path, root: str | Path, datasets: Sequence[str])
     Returns:
         dataset -> number of pairs linked.
     """
-    from pipeline.data.images import find_pairs
 
     out, root = Path(out), Path(root)
     seen: dict[str, str] = {}
@@ -469,7 +469,6 @@ def build_raw_folder(out: str | Path, root: str | Path, datasets: Sequence[str])
 def recipe_data(path: str | Path) -> dict[str, Any]:
     """The ``data:`` section of a recipe file (``recipes/cpu.yaml``): ``root``, ``train_sets``,
     ``test_set``, ``test_list`` (paths relative to the repository)."""
-    import yaml
 
     data = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
     missing = [k for k in ("root", "train_sets", "test_set", "test_list") if k not in data]

@@ -429,7 +429,6 @@ def log_to_run(run_id: str, result: EvalResult) -> None:
     """
     from mlflow.tracking import MlflowClient
 
-
     client = MlflowClient()
     try:
         client.get_run(run_id)

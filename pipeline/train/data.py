@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.common.ray_runtime import configure_data_context
 from pipeline.data.contracts import WEIGHT_NAMES as WEIGHT_KEYS
@@ -88,8 +94,6 @@ def decode_patches(batch: Mapping[str, np.ndarray], sample_weights: str = "image
 
 
 def _numpy_collate_base() -> type:
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
     return NumpyBatchCollateFn
 
 
@@ -111,8 +115,6 @@ class PatchCollate:
                 self.sample_weights = sample_weights
 
             def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-                import torch
-
                 arrays = decode_patches(batch, self.sample_weights)
                 return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
 
@@ -126,7 +128,6 @@ def select_train_rows(files: Sequence[Path], max_patches: int, seed: int) -> set
 
     Reads only the key columns (pyarrow, no Ray). The same files and seed give the same subset.
     """
-    import pyarrow.parquet as pq
 
     keys: list[tuple[str, int, int]] = []
     for f in files:
@@ -145,8 +146,6 @@ class _KeepRows:
         self.keep = keep
 
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
         cols = batch.select(["pair_id", "y", "x"]).to_pydict()
         mask = [(p, int(y), int(x)) in self.keep for p, y, x in zip(cols["pair_id"], cols["y"], cols["x"])]
         return batch.filter(pa.array(mask, type=pa.bool_()))
@@ -175,8 +174,6 @@ def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sampl
         FileNotFoundError: no Parquet files in ``patches_dir``.
         ValueError: the files lack a needed column (named).
     """
-    import pyarrow.parquet as pq
-    import ray.data
 
     files = _parquet_files(Path(patches_dir))
     columns = list(patch_columns(sample_weights))
@@ -196,8 +193,6 @@ def train_dataset(patches_dir: str | Path, max_patches: int | None = None, sampl
 
 def count_train_patches(patches_dir: str | Path) -> int:
     """Number of ``split == "train"`` rows, read from the Parquet files directly (no Ray)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     total = 0
     for f in _parquet_files(Path(patches_dir)):
@@ -251,7 +246,6 @@ def load_val_pairs(
     Raises:
         FileNotFoundError / ValueError: a missing file or a val pair absent from the tables.
     """
-    import pyarrow.parquet as pq
 
     ids = sorted(val_pair_ids(split_json))
     if max_pairs is not None:

@@ -23,19 +23,35 @@ the weight spreads, the per-step loss/lr/gradient norm and the final metrics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import mlflow
 import numpy as np
+import torch
+import yaml
 
+from pipeline.common.config import flatten
 from pipeline.common.machine import describe_machine
+from pipeline.common.mlflow_store import configure_mlflow
+from pipeline.data.crop import read_test_list
+from pipeline.data.images import find_pairs, read_ir, read_visible, split_luma, write_image
+from pipeline.data.stats import Normalisation, adaptive_weights, image_statistics
+from pipeline.evaluate.score import evaluate_folder
+from pipeline.evaluate.stage import fuse_average, fuse_maximum
+from pipeline.model.inference import Fuser
+from pipeline.model.network import build_model, model_config
+from pipeline.model.weights import load_model, save_checkpoint
+from pipeline.train.losses import FusionLoss
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +120,6 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), smoke: b
     Raises:
         ValueError: an unknown key (typos must not pass silently) or a malformed override.
     """
-    import yaml
 
     cfg = deep_update(DEFAULTS, {})
     if path is not None:
@@ -165,8 +180,6 @@ class PairImages:
 
 def collect_pairs(cfg: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], list[Any], list[str]]:
     """``(train [(dataset, Pair)], test [Pair], test_stems)`` from the data config."""
-    from pipeline.data.crop import read_test_list
-    from pipeline.data.images import find_pairs
 
     d = cfg["data"]
     root = Path(d["root"])
@@ -190,8 +203,6 @@ def collect_pairs(cfg: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], list[A
 
 
 def load_pairs(pairs: Sequence[tuple[str, Any]]) -> list[PairImages]:
-    from pipeline.data.images import read_ir, read_visible, split_luma
-
     out = []
     for name, p in pairs:
         ir = read_ir(p.ir)
@@ -207,7 +218,6 @@ def image_weights(images: Sequence[PairImages], wcfg: Mapping[str, Any]) -> tupl
     """Image-level adaptive weights (N, 4) in the order int_ir, int_vi, det_ir, det_vi, and the
     spread figures (scales, p5/p50/p95 of w_int_ir and w_det_ir at the chosen temperature and at
     T = 1 for comparison)."""
-    from pipeline.data.stats import Normalisation, adaptive_weights, image_statistics
 
     terms = sorted(set(wcfg["intensity_terms"]) | set(wcfg["detail_terms"]))
     st_ir = {k: [] for k in terms}
@@ -260,8 +270,6 @@ class CropSampler:
         self.p = p / p.sum()
 
     def next(self):
-        import torch
-
         idx = self.rng.choice(len(self.images), size=self.batch, p=self.p)
         s = self.patch
         irs, vis = [], []
@@ -300,8 +308,6 @@ def lr_factor(step: int, done: float, warmup: int, min_ratio: float) -> float:
 
 # ----------------------------------------------------------------------------------- train
 def build_loss(cfg: Mapping[str, Any], params_loss: Mapping[str, Any]):
-    from pipeline.train.losses import FusionLoss
-
     loss_cfg = deep_update(params_loss, {})
     for k, v in cfg["loss"].items():
         if isinstance(v, Mapping):
@@ -313,10 +319,6 @@ def build_loss(cfg: Mapping[str, Any], params_loss: Mapping[str, Any]):
 
 def train(cfg: Mapping[str, Any], images: Sequence[PairImages], weights: np.ndarray,
           params: Mapping[str, Any], out: Path, mlflow_run: Any = None):
-    import torch
-
-    from pipeline.model.network import build_model, model_config
-    from pipeline.model.weights import load_model, save_checkpoint
 
     t = cfg["train"]
     torch.manual_seed(int(t["seed"]))
@@ -370,7 +372,6 @@ def train(cfg: Mapping[str, Any], images: Sequence[PairImages], weights: np.ndar
             log.info("step %d/%d loss %.4f (ema %.4f) |g| %.3f lr %.2e %.0fs", step, steps, lv, run_loss,
                      float(gn), rec["lr"], rec["seconds"])
             if mlflow_run is not None:
-                import mlflow
 
                 mlflow.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
         step += 1
@@ -386,12 +387,10 @@ def train(cfg: Mapping[str, Any], images: Sequence[PairImages], weights: np.ndar
 # ----------------------------------------------------------------------------------- evaluate
 def _fuse_folder(method: str, pairs: Sequence[Any], dest: Path, weights: str | None = None,
                  postprocess: str | None = None) -> None:
-    from pipeline.data.images import read_ir, read_visible, write_image
 
     dest.mkdir(parents=True, exist_ok=True)
     fuser = None
     if weights is not None:
-        from pipeline.model.inference import Fuser
 
         fuser = Fuser.from_file(weights, postprocess=postprocess)
     for p in pairs:
@@ -400,7 +399,6 @@ def _fuse_folder(method: str, pairs: Sequence[Any], dest: Path, weights: str | N
         if fuser is not None:
             out = fuser(ir, vis)
         else:  # the evaluate stage's own baselines
-            from pipeline.evaluate.stage import fuse_average, fuse_maximum
 
             out = (fuse_average if method == "average" else fuse_maximum)(ir, vis)
         write_image(dest / f"{p.stem}.png", out)
@@ -430,11 +428,9 @@ def table_markdown(results: Mapping[str, Mapping[str, float]], n_pairs: int) -> 
 def evaluate(cfg: Mapping[str, Any], test: Sequence[Any], ckpt: Path | None, out: Path) -> dict[str, dict[str, float]]:
     """Fuse the test pairs with each method into ``out/fused/<slug>`` and score each folder with
     :func:`pipeline.metrics.evaluate_folder` (what ``mda evaluate`` runs)."""
-    from pipeline.evaluate.score import evaluate_folder
 
     d = cfg["data"]
     src = Path(d["root"]) / d["test_set"]
-    import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     methods: list[tuple[str, str | None, str | None]] = []
@@ -453,7 +449,6 @@ def evaluate(cfg: Mapping[str, Any], test: Sequence[Any], ckpt: Path | None, out
         t0 = time.time()
         dest = out / "fused" / slug
         if dest.exists():
-            import shutil
 
             shutil.rmtree(dest)
         _fuse_folder(name, test, dest, weights, pp)
@@ -488,7 +483,6 @@ TRAIN_KEYS = {"batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_de
 def params_diff(cfg: Mapping[str, Any], params: Mapping[str, Any], loss_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``{"section.key": {"params_yaml": value, "recipe": value}}`` for every setting of the
     recipe that differs from ``params.yaml`` (recipe-only settings have ``params_yaml: null``)."""
-    from pipeline.common.config import flatten
 
     diff: dict[str, Any] = {}
     base, ours = flatten({"loss": params.get("loss", {})}), flatten({"loss": loss_cfg})
@@ -513,7 +507,6 @@ def params_diff(cfg: Mapping[str, Any], params: Mapping[str, Any], loss_cfg: Map
 def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], params: Mapping[str, Any], out: Path,
                command: str) -> dict[str, Any]:
     """The model card of ``out/model.pt`` (see models/pretrained/README section of the README)."""
-    import hashlib
 
     ckpt = Path(summary["checkpoint"])
     card = {
@@ -549,13 +542,9 @@ def run_recipe(cfg: Mapping[str, Any], params: Mapping[str, Any], out: str | Pat
     leak = {p.stem for n, p in train_pairs if n == cfg["data"]["test_set"]} & set(test_stems)
     assert not leak, leak
     summary: dict[str, Any] = {"config": cfg, "git_commit": git_commit(), "machine": describe_machine()}
-    import mlflow
-
-    from pipeline.common.mlflow_store import configure_mlflow
 
     configure_mlflow(experiment=cfg["experiment"])
     with mlflow.start_run(run_name=out.name) as run:
-        from pipeline.common.config import flatten
 
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg).items()})
         if evaluate_only is None:
