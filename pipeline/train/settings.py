@@ -66,7 +66,7 @@ class TrainSettings:
     torch_threads: int | None = setting(None, int, minimum=1, allow_none=True)
     checkpoint_every: int = setting(1, int, minimum=1)
     keep_checkpoints: int = setting(2, int, minimum=1)
-    checkpoint_metric: str = setting("val_qabf", str, choices=VAL_METRICS)
+    checkpoint_metric: str = setting("val_ssim", str, choices=VAL_METRICS)
     max_failures: int = setting(1, int, minimum=-1)
     run_name: str | None = setting(None, str, allow_none=True, convert=check_run_name)
     storage_path: str = setting("ray_results", str)
