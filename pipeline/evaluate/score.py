@@ -87,39 +87,13 @@ def evaluate_folder(
         FileNotFoundError: a folder is missing.
         ValueError: ``fused_dir`` holds no image.
     """
-    ir = list_images(ir_dir)
-    vi = list_images(vi_dir)
     fused = list_images(fused_dir)
     if not fused:
         raise ValueError(f"no fused images found in {fused_dir}")
-    skipped: list[dict[str, str]] = []
-    items: list[dict[str, str]] = []
-    for stem, path in fused.items():
-        missing = [f"{kind} '{stem}.*' in {folder}" for kind, folder, found in
-                   (("IR", ir_dir, ir), ("visible", vi_dir, vi)) if stem not in found]
-        if missing:
-            reason = f"{path}: no source image: missing " + " and ".join(missing)
-            skipped.append({"name": stem, "path": str(path), "reason": reason})
-            continue
-        items.append({"name": stem, "ir": str(ir[stem]), "vi": str(vi[stem]), "fused": str(path)})
-
+    items, skipped = _triplets(ir_dir, vi_dir, fused)
     how = "Ray Data" if parallel else "a plain loop"
     log.info("scoring %d fused image(s) of %s through %s", len(items), fused_dir, how)
-    rows: list[dict[str, Any]]
-    if not items:
-        rows = []
-    elif parallel:
-
-        with ray_session(address=address):
-            ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-            rows = ds.map(_score_row).take_all()
-    else:
-        iterator = items
-        if progress:
-
-            iterator = tqdm(items, desc="scoring", unit="image")
-        rows = [_score_row(it) for it in iterator]
-
+    rows = _score_rows(items, parallel, progress, address)
     by_name = {it["name"]: it for it in items}
     good = []
     for row in sorted(rows, key=lambda r: r["name"]):
@@ -135,3 +109,34 @@ def evaluate_folder(
     df = pandas.DataFrame(good, columns=["name", *METRICS])
     df.attrs["skipped"] = sorted(skipped, key=lambda s: s["name"])
     return df
+
+
+def _triplets(
+    ir_dir: str | Path, vi_dir: str | Path, fused: dict[str, Path]
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Pair each fused image with its IR and visible sources: ``(items, skipped)``."""
+    ir = list_images(ir_dir)
+    vi = list_images(vi_dir)
+    skipped: list[dict[str, str]] = []
+    items: list[dict[str, str]] = []
+    for stem, path in fused.items():
+        missing = [f"{kind} '{stem}.*' in {folder}" for kind, folder, found in
+                   (("IR", ir_dir, ir), ("visible", vi_dir, vi)) if stem not in found]
+        if missing:
+            reason = f"{path}: no source image: missing " + " and ".join(missing)
+            skipped.append({"name": stem, "path": str(path), "reason": reason})
+            continue
+        items.append({"name": stem, "ir": str(ir[stem]), "vi": str(vi[stem]), "fused": str(path)})
+    return items, skipped
+
+
+def _score_rows(items: list[dict[str, str]], parallel: bool, progress: bool, address: str | None) -> list[dict[str, Any]]:
+    """Score the triplets through Ray Data (``parallel``) or a plain loop."""
+    if not items:
+        return []
+    if parallel:
+        with ray_session(address=address):
+            ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
+            return ds.map(_score_row).take_all()
+    iterator = tqdm(items, desc="scoring", unit="image") if progress else items
+    return [_score_row(it) for it in iterator]
