@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
+from tqdm import tqdm
 
 from pipeline.common.atomic_io import atomic_writer, replace_dir, staging_dir, write_json
 from pipeline.common.ray_runtime import configure_data_context
@@ -233,47 +235,27 @@ def register_dataset(
         NoPairsError: no pair survived validation.
         ValueError: ``out_dir`` is a non-empty folder that is not a register output.
     """
-    import ray.data
-    from tqdm import tqdm
-
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.parquet").is_file():
         raise ValueError(f"{out}: not empty and not the output of a register step (no manifest.parquet); refusing to replace it")
     pairs, unmatched = find_pairs(ir_dir, vi_dir)
-    rows: list[dict[str, Any]] = []
-    for path, reason in unmatched:
-        p = Path(path)
-        is_ir = p.parent.resolve() == Path(ir_dir).resolve()
-        row = _empty_row(p.stem, str(p) if is_ir else None, None if is_ir else str(p))
-        row["reason"] = reason  # find_pairs: "missing_partner: ...", "duplicate_stem: ...", "unreadable: ..."
-        rows.append(row)
+    rows = _unmatched_rows(unmatched, ir_dir)
 
     staging = staging_dir(out)
     report_dir = Path(options.report_dir) if options.report_dir else None
     try:
         for sub in ("ir", "vi"):
             (staging / sub).mkdir()
-        if pairs:
-            configure_data_context()
-            items = [{"pair_id": p.stem, "ir": str(p.ir.resolve()), "vi": str(p.vi.resolve())} for p in pairs]
-            ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)).map(
-                _map_row, fn_kwargs={"out_dir": str(staging.resolve()), "options": asdict(options)}, num_cpus=1
-            )
-            with tqdm(total=len(items), desc="register", unit="pair", disable=not progress) as bar:
-                for result in ds.iter_rows():
-                    rows.append(json.loads(result["record"]))
-                    bar.update(1)
+        rows += _register_pairs(pairs, staging, options, progress)
         rows.sort(key=lambda r: r["pair_id"])
         summary = _summarise(rows, len(pairs) + len(unmatched), options, str(out), str(report_dir or out))
         if summary.accepted == 0:
             raise NoPairsError(_no_pairs_message(rows, ir_dir, vi_dir))
         _write_manifest(rows, staging / "manifest.parquet")
-        rejected = [
+        write_json(staging / "rejected.json", [
             {"pair_id": r["pair_id"], "ir": r["ir_src"], "vi": r["vi_src"], "reason": r["reason"]}
-            for r in rows
-            if r["status"] != "ok"
-        ]
-        write_json(staging / "rejected.json", rejected)
+            for r in rows if r["status"] != "ok"
+        ])
         if report_dir is None:
             write_report(rows, staging, options)
         replace_dir(staging, out)
@@ -283,6 +265,36 @@ def register_dataset(
     if report_dir is not None:
         write_report(rows, report_dir, options, written_dir=out)
     return summary
+
+
+def _unmatched_rows(unmatched: list[tuple[str, str]], ir_dir: str | Path) -> list[dict[str, Any]]:
+    """Manifest rows of the files ``find_pairs`` could not pair (``reason``: ``missing_partner: ...``,
+    ``duplicate_stem: ...``, ``unreadable: ...``)."""
+    rows = []
+    for path, reason in unmatched:
+        p = Path(path)
+        is_ir = p.parent.resolve() == Path(ir_dir).resolve()
+        row = _empty_row(p.stem, str(p) if is_ir else None, None if is_ir else str(p))
+        row["reason"] = reason
+        rows.append(row)
+    return rows
+
+
+def _register_pairs(pairs: list[Any], staging: Path, options: AlignOptions, progress: bool) -> list[dict[str, Any]]:
+    """Validate, check and write every pair on Ray Data (one row each); the manifest rows."""
+    if not pairs:
+        return []
+    configure_data_context()
+    items = [{"pair_id": p.stem, "ir": str(p.ir.resolve()), "vi": str(p.vi.resolve())} for p in pairs]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)).map(
+        _map_row, fn_kwargs={"out_dir": str(staging.resolve()), "options": asdict(options)}, num_cpus=1
+    )
+    rows = []
+    with tqdm(total=len(items), desc="register", unit="pair", disable=not progress) as bar:
+        for result in ds.iter_rows():
+            rows.append(json.loads(result["record"]))
+            bar.update(1)
+    return rows
 
 
 def _summarise(
