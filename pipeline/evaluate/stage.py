@@ -117,6 +117,25 @@ class EvalResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
+def _collect(
+    results: Iterator[dict[str, Any]], methods: Mapping[str, Any], grid_names: set[str], tmp: Path
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+    """Write each streamed fused image to ``tmp/fused/<method>/``; keep its metrics (sorted by
+    method order, then name) and the grid pairs' images."""
+    per_image: list[dict[str, Any]] = []
+    fused_images: dict[str, dict[str, np.ndarray]] = {}
+    for r in results:
+        method, name = str(r["method"]), str(r["name"])
+        img = _unpack(r["fused"], int(r["h"]), int(r["w"]), int(r["c"]))
+        write_image(tmp / "fused" / method / f"{name}.png", img)
+        if name in grid_names:
+            fused_images.setdefault(method, {})[name] = img
+        per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
+    order = {m: i for i, m in enumerate(methods)}
+    per_image.sort(key=lambda r: (order[r["method"]], r["name"]))
+    return per_image, fused_images
+
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 
@@ -383,19 +402,8 @@ def evaluate(
     out_dir = Path(out_dir)
     tmp = staging_dir(out_dir)
     try:
-        per_image: list[dict[str, Any]] = []
         grid_names = {r["name"] for r in rows[: cfg.grid_pairs]}  # rows are sorted by name
-        fused_images: dict[str, dict[str, np.ndarray]] = {}
-        for r in fuse_and_score(rows, methods, cfg, use_gpu):
-            method, name = str(r["method"]), str(r["name"])
-            img = _unpack(r["fused"], int(r["h"]), int(r["w"]), int(r["c"]))
-            write_image(tmp / "fused" / method / f"{name}.png", img)
-            if name in grid_names:
-                fused_images.setdefault(method, {})[name] = img
-            per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
-        order = {m: i for i, m in enumerate(methods)}
-        per_image.sort(key=lambda r: (order[r["method"]], r["name"]))
-
+        per_image, fused_images = _collect(fuse_and_score(rows, methods, cfg, use_gpu), methods, grid_names, tmp)
         means = mean_per_method(per_image, METRICS)
         result = EvalResult(per_image=per_image, means=means, skipped=skipped)
         written = {
