@@ -18,6 +18,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
+
+from pipeline.train.settings import TrainSettings
 from train_fixtures import TINY_MODEL, make_train_inputs, tiny_params, train_paths
 
 pytestmark = pytest.mark.slow
@@ -131,7 +133,7 @@ def test_deterministic_resumable_and_tracked_on_mlflow_server(tmp_path, ray_loca
     assert run.info.status == "FINISHED"
 
     summary = json.loads((out_a / "models" / "train.json").read_text())
-    assert summary["run_id"] == first["run_id"] and summary["best_metric"]["name"] == "val_qabf"
+    assert summary["run_id"] == first["run_id"] and summary["best_metric"]["name"] == TrainSettings().checkpoint_metric
     model, info = load_model(summary["checkpoint"])
     assert info["kind"] == "checkpoint" and info["args"] == TINY_MODEL["args"]
     pyfunc = mlflow.pyfunc.load_model(summary["model_uri"])
