@@ -93,33 +93,21 @@ def decode_patches(batch: Mapping[str, np.ndarray], sample_weights: str = "image
     return out
 
 
-def _numpy_collate_base() -> type:
-    return NumpyBatchCollateFn
-
-
-class PatchCollate:
+class PatchCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate function: patch rows -> dict of tensors on ``device``.
 
-    Subclasses Ray's ``NumpyBatchCollateFn`` lazily (Ray is imported only when used). Output as in
-    ``decode_patches``, as ``torch.float32`` tensors.
+    Output as in ``decode_patches``, as ``torch.float32`` tensors.
     """
 
-    def __new__(cls, device: Any = "cpu", sample_weights: str = "image"):  # noqa: D102 - builds the Ray subclass
-        base = _numpy_collate_base()
+    def __init__(self, device: Any = "cpu", sample_weights: str = "image") -> None:
+        super().__init__()
         weight_columns(sample_weights)  # fail here, not in the first batch
+        self.device = device
+        self.sample_weights = sample_weights
 
-        class _Collate(base):  # type: ignore[misc, valid-type]
-            def __init__(self, device: Any, sample_weights: str) -> None:
-                super().__init__()
-                self.device = device
-                self.sample_weights = sample_weights
-
-            def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-                arrays = decode_patches(batch, self.sample_weights)
-                return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
-
-        _Collate.__name__ = _Collate.__qualname__ = "PatchCollate"
-        return _Collate(device, sample_weights)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        arrays = decode_patches(batch, self.sample_weights)
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
 
 
 def select_train_rows(files: Sequence[Path], max_patches: int, seed: int) -> set[tuple[str, int, int]] | None:
