@@ -44,6 +44,7 @@ def trained(workspace):
     from pipeline.model.weights import save_checkpoint
 
     cwd, previous = os.getcwd(), mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     os.chdir(workspace)
     try:
         configure_mlflow(workspace, experiment="faults")
@@ -59,6 +60,12 @@ def trained(workspace):
     finally:
         os.chdir(cwd)
         mlflow.set_tracking_uri(previous)
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI: put the environment back as it was, so
+        # the stage subprocesses below do not inherit another test's store
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     return workspace
 
 
