@@ -70,7 +70,9 @@ def trained(workspace):
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_sigint_during_stage(trained, tmp_path, stage):
+def test_sigint_during_stage(trained, tmp_path, stage, ray_fresh):
+    # ray_fresh: no Ray in this process while the stage starts its own (two local instances make
+    # Ray's own actors in the child print "Found multiple active Ray instances")
     ws, (output, delay) = trained, STAGES[stage]
     out = tmp_path / "run"
     out.mkdir()
