@@ -30,6 +30,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 #: Adaptive loss weights of a patch or image (each pair of ``*_ir``/``*_vi`` sums to 1).
 WEIGHT_NAMES: tuple[str, ...] = ("int_ir", "int_vi", "det_ir", "det_vi")
+#: ``stats.weighting``: the adaptive weights, or the ablation's constant 0.5/0.5 (the stats stage's
+#: image/patch weights and the loss's per-pixel patch maps alike).
+WEIGHTINGS: tuple[str, ...] = ("adaptive", "fixed")
 
 #: Columns of a crop shard: one row per patch.
 PATCH_SCHEMA = pa.schema(

@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from pipeline.common.atomic_io import read_json_object
+from pipeline.data.contracts import WEIGHTINGS
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ MODALITIES: tuple[str, ...] = ("ir", "vi")
 #: Edges of the histogram of |IR - VIS| used for the streaming median: [0, 1e-6, ..., 1e8].
 DIFF_EDGES = np.concatenate([[0.0], np.logspace(-6, 8, 1401)])
 MIN_SCALE = 1e-6
-#: ``stats.weighting``: the adaptive weights above, or the ablation's constant 0.5/0.5.
-WEIGHTINGS: tuple[str, ...] = ("adaptive", "fixed")
 
 # ----------------------------------------------------------------------------- statistics
 

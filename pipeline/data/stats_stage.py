@@ -38,13 +38,12 @@ import ray.data
 from pipeline.common.atomic_io import atomic_writer, replace_dir, staging_dir, write_json
 from pipeline.common.config import ParamsError, read_settings, setting
 from pipeline.common.ray_runtime import configure_data_context
-from pipeline.data.contracts import SPLITS, WEIGHT_NAMES, column_list, decode_patches, read_registered_pair, read_split
+from pipeline.data.contracts import SPLITS, WEIGHT_NAMES, WEIGHTINGS, column_list, decode_patches, read_registered_pair, read_split
 from pipeline.data.images import split_luma
 from pipeline.data.stats import (
     DIFF_EDGES,
     MODALITIES,
     STAT_NAMES,
-    WEIGHTINGS,
     Normalisation,
     adaptive_weights,
     batch_statistics,

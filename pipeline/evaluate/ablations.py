@@ -66,10 +66,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("add", {"model.args.fusion": "add"}, "dual-attention fusion vs elementwise sum"),
     Variant("concat", {"model.args.fusion": "concat"}, "dual-attention fusion vs concatenation + 1x1 conv"),
     Variant("single_scale", {"model.args.scales": 1}, "multi-scale (1x+2x+4x) vs 1x only"),
-    # stats.weighting=fixed sets every image/patch weight of the stats stage to 0.5; the loss's own
-    # per-pixel patch maps (losses.patch_weight_maps) have no such switch yet, so a huge temperature
-    # flattens them to 0.5 +- 1e-5 (a `loss.patch.weighting: fixed` hook in losses.py would replace it)
-    Variant("fixed_weights", {"stats.weighting": "fixed", "loss.patch.temperature": 1.0e6},
+    # stats.weighting=fixed: every image/patch weight of the stats stage and every per-pixel patch
+    # map of the loss is 0.5 (pipeline.train.losses.loss_section)
+    Variant("fixed_weights", {"stats.weighting": "fixed"},
             "adaptive complementary-information weights vs 0.5/0.5"),
     Variant("no_patch", {"loss.patch.enabled": False}, "image+patch-level loss vs image level only"),
     Variant("no_style", {"loss.style.enabled": False}, "VGG style term vs none"),

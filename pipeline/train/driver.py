@@ -36,7 +36,7 @@ from pipeline.common.ray_runtime import ray_options, ray_session, resolve_addres
 from pipeline.model.network import model_config
 from pipeline.model.pyfunc import log_fusion_model
 from pipeline.train.data import count_train_patches, load_val_pairs, train_dataset
-from pipeline.train.losses import FusionLoss
+from pipeline.train.losses import FusionLoss, loss_section
 from pipeline.train.runs import (
     CONFIG_TAG,
     MODEL_FILE,
@@ -127,7 +127,7 @@ def _worker_config(params: Mapping[str, Any], settings: TrainSettings, paths: Tr
             bad model or loss parameters.
     """
     model_name, model_args = model_config(section(params, "model"))
-    loss_cfg = section(params, "loss")
+    loss_cfg = loss_section(params)
     FusionLoss.from_params(loss_cfg)  # fail fast on bad loss params, before any worker starts
     val_kwargs = {"registered_dir": str(Path(paths.registered_dir).resolve()),
                   "split_json": str(Path(paths.split_json).resolve()),

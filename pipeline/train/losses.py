@@ -78,7 +78,8 @@ from torch import nn
 
 # keys of the per-sample weights dict (the stats stage's output contract)
 from pipeline.data.contracts import WEIGHT_NAMES as WEIGHT_KEYS
-from pipeline.common.config import param
+from pipeline.data.contracts import WEIGHTINGS
+from pipeline.common.config import param, section
 
 #: fusion point k of the model -> (index into features["ir"], index into features["vi"])
 FUSION_PAIRS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (1, 1), (2, 1), (2, 2))
@@ -203,6 +204,16 @@ def apply_profile(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def loss_section(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``loss:`` section of a whole ``params.yaml`` for training: as written, with
+    ``patch.weighting`` set from ``stats.weighting`` (one switch: ``fixed`` makes the stats stage's
+    image/patch weights and the loss's per-pixel patch maps all 0.5)."""
+    cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in section(params, "loss").items()}
+    weighting = (params.get("stats") or {}).get("weighting", "adaptive")
+    cfg["patch"] = {**dict(cfg.get("patch") or {}), "weighting": weighting}
+    return cfg
+
+
 def max_target(
     x_a: torch.Tensor, x_b: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +272,7 @@ def patch_weight_maps(
     temperature: float = 0.5,
     mean_weight: float = 1.0,
     eps: float = 1e-3,
+    weighting: str = "adaptive",
 ) -> dict[str, torch.Tensor]:
     """Per-pixel intensity and detail weight maps (softmax over {IR, VIS}; module docstring).
 
@@ -270,11 +282,18 @@ def patch_weight_maps(
         temperature: softmax temperature on the log-statistics (> 0; smaller = sharper).
         mean_weight: exponent of the local mean in the intensity score (0: contrast only).
         eps: floor added to each statistic (intensity units) before the log.
+        weighting: ``adaptive`` (the softmax above) or ``fixed`` (the ablation ``stats.weighting:
+            fixed``: every map is 0.5).
 
     Returns:
         ``{"int": (B, 2, H, W), "det": (B, 2, H, W)}``, channel 0 = IR, channel 1 = VIS; each
         pixel's pair sums to 1. No gradient.
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+    if weighting == "fixed":
+        half = torch.full_like(torch.cat([ir, vi], dim=1), 0.5)
+        return {"int": half, "det": half.clone()}
     with torch.no_grad():
         st = local_statistics(torch.cat([ir, vi], dim=1), window)  # channels: IR, VIS
         score_int = mean_weight * torch.log(st["mean"] + eps) + torch.log(st["std"] + eps)
@@ -355,6 +374,8 @@ class FusionLoss(nn.Module):
         gradient_enabled, gradient_weight: the Sobel-gradient L1 terms (image and patch level).
         patch_enabled, patch_weight, patch_window, patch_temperature, patch_mean_weight, patch_eps:
             the patch-level terms and their per-pixel weight maps.
+        patch_weighting: ``adaptive`` maps, or ``fixed`` (0.5 everywhere; the training stage sets
+            it from ``stats.weighting``).
         style_enabled, style_weight, style_max_size: the Gram-matrix term vs IR; images larger than
             ``style_max_size`` are centre-cropped to it before VGG (null: no crop).
         feature_enabled, feature_weight: the fusion-point feature term (only when ``features`` are
@@ -384,6 +405,7 @@ class FusionLoss(nn.Module):
         patch_temperature: float = 0.5,
         patch_mean_weight: float = 1.0,
         patch_eps: float = 1e-3,
+        patch_weighting: str = "adaptive",
         style_enabled: bool = True,
         style_weight: float = 0.1,
         style_max_size: int | None = 64,
@@ -406,6 +428,9 @@ class FusionLoss(nn.Module):
         self.patch_enabled, self.style_enabled, self.feature_enabled = patch_enabled, style_enabled, feature_enabled
         self.patch_window, self.patch_temperature = patch_window, patch_temperature
         self.patch_mean_weight, self.patch_eps = patch_mean_weight, patch_eps
+        if patch_weighting not in WEIGHTINGS:
+            raise ValueError(f"patch_weighting must be one of {list(WEIGHTINGS)}, got {patch_weighting!r}")
+        self.patch_weighting = patch_weighting
         self.style_max_size = style_max_size
         self.term_weights: dict[str, float] = {"intensity": intensity_weight}
         if ssim_enabled:
@@ -453,6 +478,7 @@ class FusionLoss(nn.Module):
             patch_temperature=param(cfg, "patch.temperature", float, where=w, minimum=1e-3),
             patch_mean_weight=param(cfg, "patch.mean_weight", float, where=w, minimum=0.0),
             patch_eps=param(cfg, "patch.eps", float, where=w, minimum=1e-8, maximum=1.0),
+            patch_weighting=param(cfg, "patch.weighting", str, where=w, default="adaptive", choices=WEIGHTINGS),
             style_enabled=param(cfg, "style.enabled", bool, where=w),
             style_weight=param(cfg, "style.weight", float, where=w, minimum=0.0),
             style_max_size=param(cfg, "style.max_size", int, where=w, minimum=16, allow_none=True),
@@ -498,7 +524,7 @@ class FusionLoss(nn.Module):
         if self.patch_enabled:
             maps = patch_weight_maps(
                 a, b, window=self.patch_window, temperature=self.patch_temperature,
-                mean_weight=self.patch_mean_weight, eps=self.patch_eps,
+                mean_weight=self.patch_mean_weight, eps=self.patch_eps, weighting=self.patch_weighting,
             )
         # intensity (image and patch level share the error maps)
         if self.intensity_target == "max":
@@ -598,6 +624,7 @@ __all__ = [
     "PAPER_PROFILE",
     "TARGETS",
     "FusionLoss",
+    "loss_section",
     "apply_profile",
     "max_target",
     "feature_loss",

@@ -59,9 +59,9 @@ def test_grid_commands_queue_every_variant_with_the_common_budget():
         assert sets["register.raw_dir"].startswith("/") and sets["crop.test_list"].startswith("/")
         for key, value in v.overrides.items():
             assert sets[key] == ab.format_value(value)
-    # each switch is one parameter; only fixed_weights also flattens the loss's own patch maps
+    # each switch is one parameter (blend_targets: the intensity and the gradient target)
     assert {v.name: len(v.overrides) for v in ab.VARIANTS} == {
-        "full": 0, "add": 1, "concat": 1, "single_scale": 1, "fixed_weights": 2, "no_patch": 1, "no_style": 1,
+        "full": 0, "add": 1, "concat": 1, "single_scale": 1, "fixed_weights": 1, "no_patch": 1, "no_style": 1,
         "blend_targets": 2}
     with pytest.raises(ValueError, match="raw folder"):
         ab.grid_common(None, None)

@@ -16,7 +16,7 @@ from pipeline.common.config import load_params
 from pipeline.evaluate.ablations import GRID_BUDGET, VARIANTS, Variant
 from pipeline.model.network import build_model, model_config
 from pipeline.train.data import WEIGHT_KEYS, decode_patches
-from pipeline.train.losses import FusionLoss, patch_weight_maps
+from pipeline.train.losses import FusionLoss, loss_section, patch_weight_maps
 from pipeline.train.settings import train_settings
 from pipeline.train.step import build_optimizer, train_step
 
@@ -48,7 +48,7 @@ def test_two_training_steps_per_variant(variant, tmp_path):
     name, args = model_config(params["model"])
     torch.manual_seed(0)
     model = build_model(name, **args).train()
-    loss_fn = FusionLoss.from_params(params["loss"])
+    loss_fn = FusionLoss.from_params(loss_section(params))  # what the training stage builds
     raw, _, _ = patch_batch(n=4, s=16)
     batch = {k: torch.from_numpy(v) for k, v in decode_patches(raw).items()}
     if params["stats"].get("weighting") == "fixed":  # what the stats stage writes for every row
@@ -69,9 +69,10 @@ def test_two_training_steps_per_variant(variant, tmp_path):
         assert model.scales == variant.overrides["model.args.scales"] and model.enc4 is None
     if "loss.intensity.target" in variant.overrides:
         assert loss_fn.intensity_target == variant.overrides["loss.intensity.target"]
-    if params["stats"].get("weighting") == "fixed":
-        maps = patch_weight_maps(batch["ir"], batch["vi"], window=loss_fn.patch_window,
-                                 temperature=loss_fn.patch_temperature, mean_weight=loss_fn.patch_mean_weight,
-                                 eps=loss_fn.patch_eps)
-        for m in maps.values():  # the loss's own per-pixel maps are flat too
-            torch.testing.assert_close(m, torch.full_like(m, 0.5), atol=1e-4, rtol=0)
+    fixed = params["stats"].get("weighting") == "fixed"
+    assert loss_fn.patch_weighting == ("fixed" if fixed else "adaptive")
+    maps = patch_weight_maps(batch["ir"], batch["vi"], window=loss_fn.patch_window,
+                             temperature=loss_fn.patch_temperature, mean_weight=loss_fn.patch_mean_weight,
+                             eps=loss_fn.patch_eps, weighting=loss_fn.patch_weighting)
+    for m in maps.values():  # fixed: the loss's own per-pixel maps are exactly 0.5; adaptive: they vary
+        assert torch.equal(m, torch.full_like(m, 0.5)) == fixed

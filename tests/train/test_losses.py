@@ -16,6 +16,7 @@ from pipeline.train.losses import (
     apply_profile,
     feature_loss,
     gram_distance,
+    loss_section,
     max_target,
     patch_weight_maps,
     mean_ssim,
@@ -104,6 +105,29 @@ def test_patch_maps_vary_per_pixel():
     vi = torch.cat([flat[..., :32], tex[..., 32:]], dim=-1)
     det_ir = patch_weight_maps(ir, vi, window=11)["det"][0, 0]
     assert (det_ir[:, :20] > 0.9).all() and (det_ir[:, 44:] < 0.1).all()
+
+
+def test_fixed_weighting_flattens_the_maps_and_follows_stats_weighting():
+    tex = _textured(9)
+    flat = torch.full_like(tex, 0.5)
+    for maps in patch_weight_maps(tex, flat, weighting="fixed").values():
+        assert torch.equal(maps, torch.full_like(maps, 0.5))
+    with pytest.raises(ValueError, match="weighting"):
+        patch_weight_maps(tex, flat, weighting="flat")
+    params = load_params(REPO / "params.yaml")
+    assert FusionLoss.from_params(loss_section(params)).patch_weighting == "adaptive"
+    fixed = {**params, "stats": {**params["stats"], "weighting": "fixed"}}
+    cfg = loss_section(fixed)
+    assert cfg["patch"]["weighting"] == "fixed" and params["loss"]["patch"].get("weighting") is None  # no mutation
+    assert FusionLoss.from_params(cfg).patch_weighting == "fixed"
+    # the weighting reaches the patch terms: flat IR beside textured visible weighs differently
+    half = {k: 0.5 for k in ("int_ir", "int_vi", "det_ir", "det_vi")}
+    fused = tex.clone()  # equal to IR: only the visible error counts, weighted by the VIS map
+    terms = {w: FusionLoss(patch_enabled=True, style_enabled=False, feature_enabled=False, patch_weighting=w)(
+        fused, tex, flat, half)[1]["patch_intensity"] for w in ("adaptive", "fixed")}
+    assert float(terms["fixed"]) > 5 * float(terms["adaptive"]) > 0  # adaptive: VIS (flat) weighs ~0
+    with pytest.raises(ParamsError, match="loss.patch.weighting"):
+        FusionLoss.from_params(loss_section({**params, "stats": {"weighting": "flat"}}))
 
 
 def test_patch_maps_spread_on_a_real_pair():
