@@ -1,25 +1,39 @@
-"""Crop + stats throughput and peak memory: Ray Data (the stages' code) vs a plain single-process loop.
+"""Crop + stats throughput and peak memory: Ray Data (the stages' code) vs a plain loop vs multiprocessing.Pool.
 
-Both do the same work on the same registered pairs (RoadScene by default, copied once into the
-registered layout, untimed): crop every pair into patches -> Parquet shards + split.json; whole-image
-statistics; pass 1 (patch statistics, staged), the data-derived scales, pass 2 (weights) ->
-Parquet; weight metrics. The loop calls the same per-batch functions as the Ray Data maps.
+All modes do the same work through the same code: ``crop_dataset`` then ``compute_stats`` on a
+registered folder, with a different ``runner`` for the task groups (``pipeline.common.ray_runtime``):
 
-Each (mode, pair count) runs in a fresh child process. Peak memory = the largest sum of PSS
-(proportional set size: shared pages split between processes, so the Ray object store is not
-counted twice) over the child's whole process tree (driver + raylet + GCS + workers for Ray),
-sampled every 0.2 s during the timed work. Ray start-up (``ray.init``) and a warm-up run on the
-first 6 pairs (Ray's worker processes start and import their libraries on the first task) are
-reported apart as fixed start-up costs, not counted in the (steady-state) throughput.
+- ``loop``: ``run_serially``, every group in the one process (the single-process baseline);
+- ``pool``: ``multiprocessing.Pool(N)`` maps the same group functions over the same groups;
+- ``ray``: ``map_groups``, one Ray Data execution per pass on a local Ray with N CPUs (the stages).
 
-Usage: ``python bench/bench_data.py [--dataset ../shared/data/RoadScene] [--pairs 55 221]
-[--num-cpus 2]``; prints the figures and their ratio, writes ``bench/results/data.json``.
+Input: the real pairs (RoadScene by default) go once through the register stage (untimed); scale
+``k`` replicates them ``k`` times under new stems (``<stem>_r1`` ... symlinks, manifest rows copied),
+so 4x and 16x are the same images, 4 and 16 times as many pairs.
+
+Each (mode, scale, CPUs) runs in a fresh child process. Timed: the steady state. Reported apart,
+not counted: Ray start-up (``ray.init``) and a warm-up run on the first pairs, two crop shards per
+CPU (every Ray or pool worker process starts and imports its libraries; the loop pays its imports
+there too). Peak
+memory = the largest sum of PSS (shared pages split between processes, so the Ray object store is
+not counted twice) over the child's process tree (driver + raylet + GCS + workers for Ray, the
+pool's processes), sampled every second during the timed work (``TreeMemory``: a sample costs
+CPU); beside it, the sum of each process's own peak RSS, an upper bound that sampling cannot miss. CPU time is split between the
+driver process, the worker processes and Ray's own daemons (raylet, GCS, agents), and each pass's
+wall time and in-task time are recorded: the breakdown of where Ray's time goes.
+
+Usage: ``python bench/bench_data.py [--dataset ../shared/data/RoadScene] [--scales 1 4 16]
+[--num-cpus 1 2] [--modes loop pool ray]``. Defaults: ``--scales 1 4 --num-cpus 2`` (about 2
+minutes on 2 cores); ``--scales 1 4 16 --num-cpus 1 2`` takes about 10 minutes. Pool runs only
+for 2 CPUs or more. Prints each figure with its ratio (Ray/loop, Ray/Pool, memory growth vs 1x)
+and writes ``bench/results/data.json`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -28,16 +42,32 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # registered_fixtures: the registered layout from a raw dataset
 
+#: Warm-up: this many crop shards per CPU, so that every worker process runs tasks and imports its
+#: libraries before the timed run (with fewer shards than CPUs one worker stayed cold and paid
+#: about 0.9 s of imports inside the timed run).
+WARMUP_SHARDS_PER_CPU = 2
+DAEMONS = ("raylet", "gcs_server", "dashboard", "agent", "log_monitor", "monitor", "_StatsActor",
+           "_AutoscalingCoordinatorActor", "RuntimeEnvAgent", "DashboardAgent")
+
 
 class TreeMemory:
-    """Sample the summed PSS (or RSS where PSS is unavailable) of this process and its descendants."""
+    """Sample the summed PSS (or RSS where PSS is unavailable) of this process and its descendants.
 
-    def __init__(self, interval: float = 0.2) -> None:
+    One sample reads ``/proc/PID/smaps_rollup`` of every process, which the kernel computes by
+    walking their page tables: about 35 ms of CPU for a local Ray's 11 processes on 2 cores. At the
+    former 0.2 s interval that took about 17% of a core from the work being measured, mostly in the
+    Ray runs; 1 s keeps it near 3%. ``peak_rss`` adds each process's own kernel-recorded peak RSS
+    (``VmHWM``, no sampling, shared pages counted in every process that maps them): an upper bound
+    that cannot miss a short peak.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
         import psutil
 
         self.root = psutil.Process(os.getpid())
@@ -59,6 +89,19 @@ class TreeMemory:
         self.peak = max(self.peak, total)
         return total
 
+    def peak_rss(self) -> int:
+        """Sum over the live processes of the tree of their peak RSS (``VmHWM``), in bytes."""
+        import psutil
+
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                with open(f"/proc/{proc.pid}/status") as fh:
+                    total += next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM:")), 0)
+            except (OSError, psutil.Error):
+                continue
+        return total
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.sample()
@@ -75,147 +118,218 @@ class TreeMemory:
         self.sample()
 
 
-WARMUP_PAIRS = 6
+def tree_cpu() -> dict[int, tuple[str, float]]:
+    """``{pid: (kind, user + system CPU seconds)}`` of this process and its descendants.
+
+    kind: ``driver`` (this process), ``ray_daemons`` (raylet, GCS, Ray's agents and actors) or
+    ``workers`` (Ray workers running tasks, pool processes).
+    """
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        kind = "driver" if proc.pid == me.pid else (
+            "ray_daemons" if any(d in cmd for d in DAEMONS) else "workers")
+        out[proc.pid] = (kind, times.user + times.system)
+    return out
 
 
-def subset(registered: Path, dst: Path, count: int) -> Path:
-    """A registered folder holding the first ``count`` accepted pairs of ``registered`` (symlinks)."""
+def cpu_split(before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two ``tree_cpu`` samples, per kind (processes alive at the end)."""
+    split = {"driver": 0.0, "workers": 0.0, "ray_daemons": 0.0}
+    for pid, (kind, cpu) in after.items():
+        split[kind] += cpu - before.get(pid, (kind, 0.0))[1]
+    return {k: round(v, 2) for k, v in split.items()}
+
+
+def replicate(registered: Path, dst: Path, scale: int, limit: int | None = None) -> Path:
+    """A registered folder with the accepted pairs of ``registered`` ``scale`` times (symlinks).
+
+    Copy ``j`` (1 .. scale-1) of pair ``s`` is ``<s>_r<j>``; ``limit`` keeps the first pairs only.
+    """
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.read_table(registered / "manifest.parquet")
-    table = table.filter(pc.equal(table["status"], "ok")).slice(0, count)
+    table = table.filter(pc.equal(table["status"], "ok"))
+    if limit is not None:
+        table = table.slice(0, limit)
     for sub in ("ir", "vi"):
         (dst / sub).mkdir(parents=True)
-    for pid in table.column("pair_id").to_pylist():
-        for sub in ("ir", "vi"):
-            (dst / sub / f"{pid}.png").symlink_to(registered / sub / f"{pid}.png")
-    pq.write_table(table, dst / "manifest.parquet")
+    copies = []
+    stems = table.column("pair_id").to_pylist()
+    for j in range(scale):
+        names = [s if j == 0 else f"{s}_r{j}" for s in stems]
+        for stem, name in zip(stems, names):
+            for sub in ("ir", "vi"):
+                (dst / sub / f"{name}.png").symlink_to((registered / sub / f"{stem}.png").resolve())
+        copies.append(table.set_column(table.schema.get_field_index("pair_id"), "pair_id", pa.array(names, pa.string())))
+    pq.write_table(pa.concat_tables(copies), dst / "manifest.parquet")
     return dst
 
 
-def run_loop(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
-    """The same crop + stats work as the stages, in one process: the same shard functions in a loop."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.data import stats_stage as C
-    from pipeline.common.atomic_io import write_json
-    from pipeline.data.contracts import SPLITS
-    from pipeline.data.crop import crop_shard, plan_crop, plan_shards
-
-    items, record = plan_crop(reg, crop_cfg)
-    patches = out / "patches"
-    patches.mkdir(parents=True)
-    counts = {s: 0 for s in SPLITS}
-    for shard in plan_shards(items, crop_cfg.pairs_per_shard):
-        row = crop_shard(shard, str(reg), str(patches), crop_cfg.patch_size, crop_cfg.stride, crop_cfg.drop_flat)
-        for s in SPLITS:
-            counts[s] += row[s]
-    record["counts"] = counts
-    write_json(patches / "split.json", record)
-
-    stats = out / "stats"
-    (stats / ".pass1").mkdir(parents=True)
-    (stats / "patches").mkdir()
-    image_table = C.image_stats_batch({"pair_id": [r["pair_id"] for r in items], "split": [r["split"] for r in items]},
-                                      str(reg), stats_cfg.log_sigma)
-    cols = {c: image_table.column(c).to_numpy() for c in image_table.column_names}
-    img_scales, _ = C._level_scales(cols, stats_cfg)
-    img_w = C.adaptive_weights({s: cols[f"ir_{s}"] for s in C.STAT_NAMES}, {s: cols[f"vi_{s}"] for s in C.STAT_NAMES},
-                               stats_cfg.normalisation(img_scales))
-    for name in C.WEIGHT_NAMES:
-        image_table = image_table.append_column(f"w_{name}", pa.array(np.atleast_1d(img_w[name]), pa.float64()))
-    pq.write_table(image_table, stats / "images.parquet")
-    image_weights = {pid: tuple(float(img_w[n][i]) for n in C.WEIGHT_NAMES) for i, pid in enumerate(cols["pair_id"])}
-    shards = [{"file": p.name} for p in sorted(patches.glob("part-*.parquet"))]
-    only = None if stats_cfg.scale_split == "all" else stats_cfg.scale_split
-    rows = [C.stats_shard(sh, str(patches), str(stats / ".pass1"), stats_cfg.log_sigma, stats_cfg.terms, only) for sh in shards]
-    norm = stats_cfg.normalisation(C.accumulate_scales(rows, stats_cfg.terms, only)[0])
-    norm_arg = {"scales": dict(norm.scales), "temperature": norm.temperature,
-                "intensity_terms": list(norm.intensity_terms), "detail_terms": list(norm.detail_terms)}
-    watched = ["w_int_ir", "w_det_ir"]
-    rows = [C.weights_shard(sh, str(stats / ".pass1"), str(stats / "patches"), norm_arg, image_weights, watched)
-            for sh in shards]
-    metrics, _ = C.accumulate_weight_metrics(rows, watched)
-    return {"patches": sum(counts.values()), "w_int_ir": metrics["w_int_ir"]}
+def _pool_call(job: tuple[Callable[..., Any], Any, Mapping[str, Any]]) -> Any:
+    fn, group, kwargs = job
+    return fn(group, **kwargs)
 
 
-def run_ray(reg: Path, out: Path, crop_cfg, stats_cfg) -> dict:
-    """The stages' code: ``crop_dataset`` then ``compute_stats`` on the running Ray."""
-    from pipeline.data.stats_stage import compute_stats
+def pool_runner(pool: Any) -> Callable[..., list]:
+    """A ``Runner`` mapping the groups over a ``multiprocessing.Pool`` (one group per task, in order)."""
+
+    def run(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwargs: Mapping[str, Any] | None = None) -> list:
+        return pool.map(_pool_call, [(fn, g, dict(fn_kwargs or {})) for g in groups], chunksize=1)
+
+    return run
+
+
+def timed_runner(runner: Callable[..., list], phases: list[dict]) -> Callable[..., list]:
+    """Wrap a runner to record each pass's wall time and group count into ``phases``."""
+
+    def run(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwargs: Mapping[str, Any] | None = None) -> list:
+        t0 = time.perf_counter()
+        out = runner(name, fn, groups, fn_kwargs)
+        phases.append({"name": name, "tasks": len(groups), "wall_s": round(time.perf_counter() - t0, 3)})
+        return out
+
+    return run
+
+
+class ExecutionLog(logging.Handler):
+    """Collect the ``ray_data_execution`` records that ``map_groups`` logs (Ray's in-task times)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        info = getattr(record, "ray_data_execution", None)
+        if info:
+            self.records.append({k: (round(v, 3) if isinstance(v, float) else v) for k, v in info.items()})
+
+
+def run_stages(reg: Path, out: Path, crop_cfg: Any, stats_cfg: Any, runner: Callable[..., list]) -> dict:
+    """``crop_dataset`` then ``compute_stats`` with ``runner``; the patch count and a metric to compare."""
     from pipeline.data.crop import crop_dataset
+    from pipeline.data.stats_stage import compute_stats
 
-    record = crop_dataset(reg, out / "patches", crop_cfg)
-    metrics = compute_stats(out / "patches", reg, out / "stats", stats_cfg)
+    record = crop_dataset(reg, out / "patches", crop_cfg, runner=runner)
+    metrics = compute_stats(out / "patches", reg, out / "stats", stats_cfg, runner=runner)
     return {"patches": sum(record["counts"].values()), "w_int_ir": metrics["patch"]["w_int_ir"]}
 
 
 def child(args: argparse.Namespace) -> int:
     """One timed run (``--child MODE``); prints a JSON line."""
-    import logging
-
-    from pipeline.data.stats_stage import StatsConfig
+    from pipeline.common import ray_runtime
     from pipeline.common.config import load_params, section
     from pipeline.data.crop import CropConfig
+    from pipeline.data.stats_stage import StatsConfig
 
-    logging.disable(logging.WARNING)
+    executions = ExecutionLog()
+    ray_log = logging.getLogger(ray_runtime.__name__)
+    ray_log.addHandler(executions)
+    ray_log.setLevel(logging.DEBUG)
+    ray_log.propagate = False
+    cpus = args.num_cpus[0]
+    if args.tasks_per_cpu:
+        ray_runtime.TASKS_PER_CPU = args.tasks_per_cpu
     params = load_params(args.params)
     crop_cfg = CropConfig.from_params(section(params, "crop"))
     stats_cfg = StatsConfig.from_params(section(params, "stats"))
-    result: dict = {"mode": args.child, "pairs": args.count}
+    result: dict = {"mode": args.child, "scale": args.scale, "pairs": args.count,
+                    "cpus": 1 if args.child == "loop" else cpus}
+    pool = None
+    if args.child == "ray":
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        result["ray_init_s"] = round(time.perf_counter() - t0, 2)
+        runner = ray_runtime.map_groups
+    elif args.child == "pool":
+        import multiprocessing
+
+        pool = multiprocessing.Pool(cpus)
+        runner = pool_runner(pool)
+    else:
+        runner = ray_runtime.run_serially
+    phases: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         out = Path(tmp)
-        if args.child == "ray":
-            import ray
-
-            t0 = time.perf_counter()
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-            result["ray_init_s"] = round(time.perf_counter() - t0, 2)
-            import ray.data
-
-            ray.data.DataContext.get_current().enable_progress_bars = False
-        # Warm-up on the first few pairs, timed apart: Ray's worker processes start and import
-        # numpy/OpenCV/pyarrow on their first task (the loop pays its imports here too). The
-        # throughput below is the steady state; the warm-up is the fixed start-up cost.
+        # Warm-up on the first pairs, timed apart: Ray's (or the pool's) worker processes start and
+        # import numpy/OpenCV/pyarrow on their first task. The throughput below is the steady
+        # state; the warm-up is the fixed start-up cost.
         t0 = time.perf_counter()
         warm = out / "warmup"
-        (run_ray if args.child == "ray" else run_loop)(subset(args.registered, warm / "reg", WARMUP_PAIRS),
-                                                       warm, crop_cfg, stats_cfg)
+        warm_pairs = crop_cfg.pairs_per_shard * WARMUP_SHARDS_PER_CPU * result["cpus"]
+        run_stages(replicate(args.registered, warm / "reg", 1, warm_pairs), warm, crop_cfg, stats_cfg, runner)
         result["warmup_s"] = round(time.perf_counter() - t0, 2)
+        executions.records.clear()
         with TreeMemory() as mem:
             baseline = mem.sample()
-            t0, c0 = time.perf_counter(), time.process_time()
-            work = (run_ray if args.child == "ray" else run_loop)(args.registered, out, crop_cfg, stats_cfg)
+            cpu0 = tree_cpu()
+            t0 = time.perf_counter()
+            work = run_stages(args.registered, out / "run", crop_cfg, stats_cfg, timed_runner(runner, phases))
             wall = time.perf_counter() - t0
-            driver_cpu = time.process_time() - c0
+            cpu = cpu_split(cpu0, tree_cpu())
+            peak_rss = mem.peak_rss()
+        if pool is not None:
+            pool.close()
+            pool.join()
         if args.child == "ray":
             import ray
 
             ray.shutdown()
+    for phase, info in zip(phases, executions.records):  # Ray: what happened inside each execution
+        phase.update(task_wall_s=info["task_wall_s"], task_cpu_s=info["task_cpu_s"], driver_cpu_s=info["driver_cpu_s"])
     result.update(work)
     result.update(
         wall_s=round(wall, 2),
-        driver_cpu_s=round(driver_cpu, 2),
         patches_per_s=round(work["patches"] / wall, 1),
         peak_mem_mib=round(mem.peak / 2**20, 1),
+        peak_rss_sum_mib=round(peak_rss / 2**20, 1),
         mem_at_start_mib=round(baseline / 2**20, 1),
+        cpu_s=cpu,
+        phases=phases,
+        serial_s=round(wall - sum(p["wall_s"] for p in phases), 3),
     )
     print("RESULT " + json.dumps(result))
     return 0
 
 
+def describe(run: dict) -> str:
+    """One line per run: throughput, memory, start-up apart, and the passes."""
+    start = f"warm-up {run['warmup_s']:.1f} s" + (f", ray.init {run['ray_init_s']:.1f} s" if "ray_init_s" in run else "")
+    passes = ", ".join(f"{p['name']} {p['wall_s']:.2f} s" for p in run["phases"])
+    cpu = run["cpu_s"]
+    return (f"{run['mode']:4s} {run['cpus']} CPU {run['scale']:2d}x ({run['pairs']:4d} pairs): {run['patches']} patches "
+            f"in {run['wall_s']:.2f} s = {run['patches_per_s']:.0f} patches/s, peak memory {run['peak_mem_mib']:.0f} MiB"
+            f" (summed peak RSS {run['peak_rss_sum_mib']:.0f} MiB)"
+            f" | start-up not counted: {start}\n      passes: {passes}, driver-only {run['serial_s']:.2f} s"
+            f" | CPU s: driver {cpu['driver']:.2f}, workers {cpu['workers']:.2f}, Ray daemons {cpu['ray_daemons']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "data" / "RoadScene")
-    parser.add_argument("--pairs", type=int, nargs="+", default=[55, 221], help="pair counts to measure")
-    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--pairs", type=int, default=None, help="use the first N pairs of the dataset (default: all)")
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="replication factors of the pairs")
+    parser.add_argument("--num-cpus", type=int, nargs="+", default=[2], help="CPUs of the local Ray / pool size")
+    parser.add_argument("--modes", nargs="+", default=["loop", "pool", "ray"], choices=["loop", "pool", "ray"])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="crop/stats sections used")
+    parser.add_argument("--tasks-per-cpu", type=int, default=None,
+                        help="override pipeline.common.ray_runtime.TASKS_PER_CPU (task granularity; every mode)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
-    parser.add_argument("--child", choices=["ray", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ray", "loop", "pool"], help=argparse.SUPPRESS)
     parser.add_argument("--registered", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
@@ -223,16 +337,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_data: dataset not found: {args.dataset} (needs ir/ and vi/)", file=sys.stderr)
         return 1
 
+    from pipeline.common.ray_runtime import TASKS_PER_CPU
     from registered_fixtures import registered_from_dataset
 
     runs = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_reg_") as tmp:
-        for count in args.pairs:
-            reg = Path(tmp) / f"reg{count}"
-            stems = registered_from_dataset(args.dataset, reg, count)
-            for mode in ("loop", "ray"):
-                cmd = [sys.executable, __file__, "--child", mode, "--registered", str(reg), "--count", str(len(stems)),
-                       "--num-cpus", str(args.num_cpus), "--params", str(args.params)]
+        base = Path(tmp) / "registered"
+        count = args.pairs or len(list((args.dataset / "ir").iterdir()))
+        stems = registered_from_dataset(args.dataset, base, count)
+        for scale in args.scales:
+            reg = replicate(base, Path(tmp) / f"x{scale}", scale)
+            jobs = [("loop", 1)] if "loop" in args.modes else []
+            for cpus in args.num_cpus:
+                jobs += [(mode, cpus) for mode in ("pool", "ray") if mode in args.modes and (mode == "ray" or cpus >= 2)]
+            for mode, cpus in jobs:
+                cmd = [sys.executable, __file__, "--child", mode, "--registered", str(reg), "--count",
+                       str(len(stems) * scale), "--scale", str(scale), "--num-cpus", str(cpus), "--params", str(args.params)]
+                if args.tasks_per_cpu:
+                    cmd += ["--tasks-per-cpu", str(args.tasks_per_cpu)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode != 0 or not line:
@@ -240,46 +363,58 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 run = json.loads(line[0][len("RESULT "):])
                 runs.append(run)
-                print(f"{mode:5s} {run['pairs']:4d} pairs: {run['patches']} patches in {run['wall_s']:.1f} s = "
-                      f"{run['patches_per_s']:.0f} patches/s, peak memory {run['peak_mem_mib']:.0f} MiB"
-                      + f" (start-up not counted: warm-up {run['warmup_s']:.1f} s"
-                      + (f", ray.init {run['ray_init_s']:.1f} s)" if mode == "ray" else ")"))
-    by = {(r["mode"], r["pairs"]): r for r in runs}
-    ratios = {}
-    for count in sorted({r["pairs"] for r in runs}):
-        loop, ray_run = by[("loop", count)], by[("ray", count)]
-        ratios[count] = {
-            "throughput_ratio": round(ray_run["patches_per_s"] / loop["patches_per_s"], 2),
-            "memory_ratio": round(ray_run["peak_mem_mib"] / loop["peak_mem_mib"], 2),
-        }
-        print(f"{count} pairs: Ray/loop throughput {ratios[count]['throughput_ratio']:.2f}x, "
-              f"memory {ratios[count]['memory_ratio']:.2f}x")
-    counts = sorted({r["pairs"] for r in runs})
-    if len(counts) > 1:
-        for mode in ("loop", "ray"):
-            growth = by[(mode, counts[-1])]["peak_mem_mib"] / by[(mode, counts[0])]["peak_mem_mib"]
-            print(f"{mode}: peak memory {counts[-1]} vs {counts[0]} pairs: {growth:.2f}x")
-    import torch
-
+                print(describe(run), flush=True)
+    by = {(r["mode"], r["scale"], r["cpus"]): r for r in runs}
+    ratios = []
+    print("\nratios (steady state; > 1: Ray faster):")
+    for scale in args.scales:
+        for cpus in args.num_cpus:
+            ray_run = by.get(("ray", scale, cpus))
+            if ray_run is None:
+                continue
+            entry = {"scale": scale, "cpus": cpus}
+            line = f"  {scale:2d}x, {cpus} CPU:"
+            for base_mode, base_cpus, label in (("loop", 1, "loop"), ("pool", cpus, f"Pool({cpus})")):
+                other = by.get((base_mode, scale, base_cpus))
+                if other is not None:
+                    ratio = round(ray_run["patches_per_s"] / other["patches_per_s"], 2)
+                    entry[f"ray_over_{base_mode}"] = ratio
+                    line += f" Ray/{label} {ratio:.2f}x"
+            ratios.append(entry)
+            print(line)
+    growth = []
+    if len(args.scales) > 1:
+        first = min(args.scales)
+        print(f"peak memory growth vs {first}x (flat: about 1.0):")
+        for (mode, scale, cpus), run in sorted(by.items()):
+            ref = by.get((mode, first, cpus))
+            if ref is not None and scale != first:
+                g = round(run["peak_mem_mib"] / ref["peak_mem_mib"], 2)
+                g_rss = round(run["peak_rss_sum_mib"] / ref["peak_rss_sum_mib"], 2)
+                growth.append({"mode": mode, "cpus": cpus, "scale": scale, "vs_scale": first, "peak_mem_growth": g,
+                               "peak_rss_sum_growth": g_rss})
+                print(f"  {mode:4s} {cpus} CPU {scale:2d}x: PSS {run['peak_mem_mib']:.0f} MiB = {g:.2f}x, "
+                      f"summed peak RSS {run['peak_rss_sum_mib']:.0f} MiB = {g_rss:.2f}x")
     load = os.getloadavg()
     report = {
-        "benchmark": "crop + stats (Ray Data vs single-process loop)",
+        "benchmark": "crop + stats: Ray Data vs single-process loop vs multiprocessing.Pool (same group functions)",
         "dataset": str(args.dataset),
+        "base_pairs": len(stems),
+        "tasks_per_cpu": args.tasks_per_cpu or TASKS_PER_CPU,
         "runs": runs,
         "ratios": ratios,
+        "memory_growth": growth,
         "machine": {
             "cores": os.cpu_count(),
-            "ray_num_cpus": args.num_cpus,
-            "torch_threads": torch.get_num_threads(),
-            "device": "cpu",
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in load],
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"load average after the runs: {load[0]:.1f} (other processes distort the figures when high)")
+    print(f"load average before {load_before[0]:.1f}, after {load[0]:.1f} (other processes distort the figures when high)")
     print(f"written {args.out}")
     return 0
 

@@ -7,7 +7,8 @@ Input: a registered folder (``register`` stage): ``ir/<stem>.png``, ``vi/<stem>.
 Output folder (``crop`` stage), written atomically (a temporary sibling folder renamed into place):
 
 - ``part-NNNNN.parquet``: shard ``NNNNN`` holds ``pairs_per_shard`` consecutive pairs (sorted by
-  ``pair_id``; each Ray task writes one shard), one row per patch, schema ``PATCH_SCHEMA``:
+  ``pair_id``; each Ray task writes the shards dealt to it, one after the other), one row per
+  patch, schema ``PATCH_SCHEMA``:
 
   ============ ======== =====================================================================
   ``pair_id``  string   stem of the registered pair
@@ -36,7 +37,12 @@ threshold (gray levels, 0-255) carries no information for either modality and is
 
 Determinism: the split depends only on the sorted pair ids, the seed, the fractions and the test
 list; the shards only on the pairs and the params (shard ``i`` = pairs ``i*k .. i*k+k-1``, whatever
-the cluster size or the task order), so the same params give the same files, rows and bytes.
+the cluster size, the number of tasks or their order), so the same params give the same files,
+rows and bytes.
+
+Execution: one Ray Data execution (``pipeline.common.ray_runtime.map_groups``) whose tasks each
+take a group of shard descriptors (``task_count``: a few tasks per CPU, shards dealt round-robin)
+and crop them one shard at a time, so a task holds one shard in memory whatever the input size.
 """
 
 from __future__ import annotations
@@ -52,11 +58,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 
 from pipeline.common.atomic_io import replace_dir, staging_dir, write_json
 from pipeline.common.config import REQUIRED, ParamsError, param, read_settings, setting
-from pipeline.common.ray_runtime import configure_data_context
+from pipeline.common.ray_runtime import Runner, configure_data_context, map_groups, task_count, task_groups
 from pipeline.data.contracts import PATCH_SCHEMA, SPLITS, column_list, read_accepted_pairs, read_registered_pair
 from pipeline.data.images import split_luma
 
@@ -320,6 +325,19 @@ def crop_shard(
     return {"shard": int(shard["shard"]), "file": name, **{s: splits.count(s) for s in SPLITS}}
 
 
+def crop_shards(
+    shards: Sequence[Mapping[str, Any]], registered_dir: str, out_dir: str, size: int, stride: int,
+    drop_flat: float | None,
+) -> dict[str, int]:
+    """Crop a group of shards one after the other (one Ray task's work); patch counts per split."""
+    counts = {name: 0 for name in SPLITS}
+    for shard in shards:
+        row = crop_shard(shard, registered_dir, out_dir, size, stride, drop_flat)
+        for name in SPLITS:
+            counts[name] += row[name]
+    return counts
+
+
 def plan_crop(registered_dir: str | Path, cfg: CropConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Decide the split and which pairs yield patches, from the manifest only (no image read).
 
@@ -352,17 +370,21 @@ def plan_crop(registered_dir: str | Path, cfg: CropConfig) -> tuple[list[dict[st
     return items, record
 
 
-def crop_dataset(registered_dir: str | Path, out_dir: str | Path, cfg: CropConfig) -> dict[str, Any]:
+def crop_dataset(
+    registered_dir: str | Path, out_dir: str | Path, cfg: CropConfig, runner: Runner = map_groups
+) -> dict[str, Any]:
     """The crop step: Ray Data over the shards of pairs -> Parquet shards + split.json.
 
-    Must run inside ``pipeline.common.ray_runtime.ray_session``. Streaming: the driver holds only the
-    pair ids; each Ray task reads its pairs, crops them and writes its shard itself, returning
-    only patch counts.
+    Must run inside ``pipeline.common.ray_runtime.ray_session``. One Ray Data execution; the driver
+    holds only the pair ids; each Ray task crops its group of shards (one shard at a time), writes
+    them itself and returns only patch counts.
 
     Args:
         registered_dir: output of the register stage.
         out_dir: the patch folder to (re)write atomically.
         cfg: crop parameters.
+        runner: how the task groups run (``map_groups``: Ray Data; ``run_serially``: the same
+            work in this process, for benchmarks and tests).
 
     Returns:
         The ``split.json`` record, with ``counts`` (patches per split).
@@ -381,9 +403,9 @@ def crop_dataset(registered_dir: str | Path, out_dir: str | Path, cfg: CropConfi
     try:
         kwargs = {"registered_dir": registered_dir, "out_dir": str(tmp), "size": cfg.patch_size,
                   "stride": cfg.stride, "drop_flat": cfg.drop_flat}
-        ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map(crop_shard, fn_kwargs=kwargs)
+        groups = task_groups(shards, task_count(len(shards)))
         counts = {name: 0 for name in SPLITS}
-        for row in ds.iter_rows():
+        for row in runner("crop", crop_shards, groups, kwargs):
             for name in SPLITS:
                 counts[name] += int(row[name])
         if sum(counts.values()) == 0:

@@ -2,12 +2,21 @@
 
 The maths (statistics, weights, scales) is in ``pipeline.data.stats``.
 
-The ``stats`` step (``compute_stats``) runs two passes of Ray Data over the patches: pass 1 adds
-the statistics (staged as Parquet), whose ``|IR - VIS|`` histograms are then accumulated into the
-scales (each task returns its shard's histograms, summed in the driver); pass 2 maps the weights.
-Each Ray task reads one shard and writes its output shard itself (same file name), so outputs are
-deterministic whatever the cluster. Whole images are one
-more Ray Data map over the pairs. It writes
+The ``stats`` step (``compute_stats``) is two Ray Data executions
+(``pipeline.common.ray_runtime.map_groups``), each a few tasks per CPU over groups of patch shards
+(``task_groups``: shards dealt round-robin; a task works through its shards one at a time, so its
+memory does not grow with the input):
+
+- pass 1: each task computes the statistics of its patch shards (staged as Parquet, statistic
+  columns only) and of its share of the whole registered images; it returns the ``|IR - VIS|``
+  histograms of its shards (summed) and its image-statistics table, both small. The driver sums
+  the histograms into the patch scales, and derives the image scales and weights from the image
+  table (one row per pair);
+- pass 2: each task reads its patch shards again with their staged statistics, appends the patch
+  and image weights and writes the output shard (same file name); it returns its weight summaries.
+
+Each task writes its own files, so the outputs are the same whatever the cluster, the number of
+tasks or their order (the weight metrics up to the order of float additions). It writes
 
 - ``<out>/patches/part-NNNNN.parquet``: the patch columns (``pipeline.data.crop.PATCH_SCHEMA``) +
   ``{ir,vi}_{entropy,std,grad_energy,avg_grad}`` (float64) + ``w_int_ir, w_int_vi, w_det_ir,
@@ -32,12 +41,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-import ray.data
 
 from pipeline.common.atomic_io import atomic_writer, replace_dir, staging_dir, write_json
 from pipeline.common.config import ParamsError, read_settings, setting
-from pipeline.common.ray_runtime import configure_data_context
+from pipeline.common.ray_runtime import Runner, configure_data_context, map_groups, task_count, task_groups
 from pipeline.data.contracts import SPLITS, WEIGHT_NAMES, WEIGHTINGS, column_list, decode_patches, read_registered_pair, read_split
 from pipeline.data.images import split_luma
 from pipeline.data.stats import (
@@ -214,39 +221,89 @@ def _numpy_columns(table: pa.Table, names: Sequence[str]) -> dict[str, np.ndarra
     return {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}
 
 
+def _add_counts(total: dict[str, np.ndarray], part: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Add the arrays of ``part`` into ``total`` key by key (``total`` starts empty)."""
+    for key, value in part.items():
+        value = np.asarray(value)
+        total[key] = total[key] + value if key in total else value.copy()
+    return total
+
+
 def stats_shard(
-    shard: Mapping[str, Any], src_dir: str, dst_dir: str, log_sigma: float, names: Sequence[str], scale_split: str | None
+    file: str, patches_dir: str, stage_dir: str, log_sigma: float, names: Sequence[str], scale_split: str | None
 ) -> dict[str, Any]:
-    """Pass 1 on one patch shard (a Ray Data ``map`` row ``{"file"}``): statistics -> ``dst_dir/file``.
+    """Pass 1 on one patch shard: its statistic columns -> ``stage_dir/file`` (staged, statistics only).
 
     Returns:
-        ``{"file", "rows", "split_<name>": hist, "all_<name>": hist}``: the ``|IR - VIS|``
-        histograms (``DIFF_EDGES``) of each statistic in ``names`` over the rows of ``scale_split``
-        and over every row.
+        ``{"rows": n, "split_<name>": hist, "all_<name>": hist}``: the ``|IR - VIS|`` histograms
+        (``DIFF_EDGES``) of each statistic in ``names`` over the rows of ``scale_split`` and over
+        every row.
     """
-    table = add_patch_stats(pq.read_table(Path(src_dir) / shard["file"]), log_sigma)
-    pq.write_table(table, Path(dst_dir) / shard["file"])
+    table = add_patch_stats(pq.read_table(Path(patches_dir) / file), log_sigma)
+    pq.write_table(table.select(stat_columns()), Path(stage_dir) / file)
     cols = _numpy_columns(table, ["split", *(f"{m}_{k}" for m in MODALITIES for k in names)])
-    out: dict[str, Any] = {"file": shard["file"], "rows": table.num_rows}
+    out: dict[str, Any] = {"rows": np.int64(table.num_rows)}
     for prefix, split in (("split_", scale_split), ("all_", None)):
         for name, hist in diff_histogram_batch(cols, names, split).items():
             out[prefix + name] = hist[0]
     return out
 
 
-def weights_shard(
-    shard: Mapping[str, Any], src_dir: str, dst_dir: str, norm: Mapping[str, Any],
-    image_weights: Mapping[str, Sequence[float]], watched: Sequence[str],
+def stats_group(
+    group: Mapping[str, Sequence[Any]], patches_dir: str, stage_dir: str, registered_dir: str, log_sigma: float,
+    names: Sequence[str], scale_split: str | None,
 ) -> dict[str, Any]:
-    """Pass 2 on one shard with statistics: weights -> ``dst_dir/file``; returns the weight summaries."""
-    table = add_patch_weights(pq.read_table(Path(src_dir) / shard["file"]), norm, image_weights)
-    pq.write_table(table, Path(dst_dir) / shard["file"])
+    """Pass 1 of one task: statistics of its patch shards (staged) and of its whole images.
+
+    Args:
+        group: ``{"files": [shard file names], "pairs": [{"pair_id", "split"}]}``.
+
+    Returns:
+        ``{"hists": summed ``stats_shard`` histograms and rows, "images": image_stats_batch table}``.
+    """
+    hists: dict[str, np.ndarray] = {}
+    for file in group["files"]:
+        _add_counts(hists, stats_shard(file, patches_dir, stage_dir, log_sigma, names, scale_split))
+    pairs = list(group["pairs"])
+    images = image_stats_batch({"pair_id": [p["pair_id"] for p in pairs], "split": [p["split"] for p in pairs]},
+                               registered_dir, log_sigma)
+    return {"hists": hists, "images": images}
+
+
+def weights_shard(
+    file: str, patches_dir: str, stage_dir: str, dst_dir: str, norm: Normalisation,
+    image_weights: Mapping[str, Sequence[float]], watched: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Pass 2 on one shard: patch columns + staged statistics + weights -> ``dst_dir/file``.
+
+    Returns:
+        The weight summaries of the shard (``weight_summary_batch``, one row squeezed).
+    """
+    table = pq.read_table(Path(patches_dir) / file)
+    stats = pq.read_table(Path(stage_dir) / file)
+    if stats.num_rows != table.num_rows:
+        raise ValueError(f"{Path(stage_dir) / file}: {stats.num_rows} staged rows for {table.num_rows} patches")
+    for name in stats.column_names:
+        table = table.append_column(stats.schema.field(name), stats.column(name))
+    table = add_patch_weights(table, norm, image_weights)
+    pq.write_table(table, Path(dst_dir) / file)
     summary = weight_summary_batch(_numpy_columns(table, watched), watched)
-    return {"file": shard["file"], **{k: v[0] for k, v in summary.items()}}
+    return {k: v[0] for k, v in summary.items()}
+
+
+def weights_group(
+    files: Sequence[str], patches_dir: str, stage_dir: str, dst_dir: str, norm: Normalisation,
+    image_weights: Mapping[str, Sequence[float]], watched: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Pass 2 of one task: ``weights_shard`` on each of its files; the summed weight summaries."""
+    total: dict[str, np.ndarray] = {}
+    for file in files:
+        _add_counts(total, weights_shard(file, patches_dir, stage_dir, dst_dir, norm, image_weights, watched))
+    return total
 
 
 def accumulate_scales(rows: Any, names: Sequence[str], scale_split: str | None) -> tuple[dict[str, float], int]:
-    """Sum the pass-1 histograms of every shard into the scales (falls back to every split if empty)."""
+    """Sum the pass-1 histograms (per shard or per task) into the scales (falls back to every split if empty)."""
     totals = {p + n: np.zeros(len(DIFF_EDGES) - 1, np.int64) for p in ("split_", "all_") for n in names}
     for row in rows:
         for key in totals:
@@ -260,7 +317,7 @@ def accumulate_scales(rows: Any, names: Sequence[str], scale_split: str | None) 
 
 
 def accumulate_weight_metrics(rows: Any, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Sum per-shard weight summaries into ``{name: {"mean", "std", "p5", ...}}`` and fine histograms."""
+    """Sum weight summaries (per shard or per task) into ``{name: {"mean", "std", "p5", ...}}`` and fine histograms."""
     moments = {n: np.zeros(3) for n in names}
     hists = {n: np.zeros(len(WEIGHT_EDGES) - 1, np.int64) for n in names}
     for row in rows:
@@ -291,8 +348,9 @@ def compute_stats(
     cfg: StatsConfig,
     metrics_path: str | Path | None = None,
     plot_path: str | Path | None = None,
+    runner: Runner = map_groups,
 ) -> dict[str, Any]:
-    """The stats step (two Ray Data passes), run inside ``pipeline.common.ray_runtime.ray_session``.
+    """The stats step (two Ray Data executions), run inside ``pipeline.common.ray_runtime.ray_session``.
 
     Args:
         patches_dir: output of the crop step (``part-*.parquet`` + ``split.json``).
@@ -302,6 +360,8 @@ def compute_stats(
         cfg: stats parameters.
         metrics_path: JSON metrics file (weight spread), or ``None``.
         plot_path: CSV histogram of the weights, or ``None``.
+        runner: how the task groups run (``map_groups``: Ray Data; ``run_serially``: the same
+            work in this process, for benchmarks and tests).
 
     Returns:
         The metrics dictionary (also written to ``metrics_path``).
@@ -316,8 +376,26 @@ def compute_stats(
     watched = ["w_int_ir", "w_det_ir"]
     tmp = staging_dir(out_dir)
     try:
-        image_table, img_scales, img_count, image_weights = _image_level(items, registered_dir, cfg, tmp)
-        scales, count, patch_metrics, patch_hists = _patch_level(parts, patches_dir, cfg, image_weights, watched, tmp)
+        stage = tmp / ".pass1"
+        stage.mkdir()
+        (tmp / "patches").mkdir()
+        files = [p.name for p in parts]
+        only = None if cfg.scale_split == "all" else cfg.scale_split
+        # pass 1 (one execution): patch statistics (staged) + whole-image statistics
+        tasks = task_count(len(files))
+        groups = [{"files": f, "pairs": p} for f, p in zip(task_groups(files, tasks), _deal(items, tasks))]
+        results = runner("stats pass 1", stats_group, groups, {
+            "patches_dir": str(patches_dir), "stage_dir": str(stage), "registered_dir": str(registered_dir),
+            "log_sigma": cfg.log_sigma, "names": list(cfg.terms), "scale_split": only})
+        scales, count = accumulate_scales([r["hists"] for r in results], cfg.terms, only)
+        image_table, img_scales, img_count, image_weights = _image_level([r["images"] for r in results], cfg)
+        pq.write_table(image_table, tmp / "images.parquet")
+        # pass 2 (one execution): weights -> patches/
+        rows = runner("stats pass 2", weights_group, task_groups(files, tasks), {
+            "patches_dir": str(patches_dir), "stage_dir": str(stage), "dst_dir": str(tmp / "patches"),
+            "norm": cfg.normalisation(scales), "image_weights": image_weights, "watched": watched})
+        patch_metrics, patch_hists = accumulate_weight_metrics(rows, watched)
+        shutil.rmtree(stage)
         write_json(tmp / "normalisation.json", {
             "method": "median over the scale split of |stat(IR) - stat(VIS)| (streaming log histogram)",
             "scale_split": cfg.scale_split,
@@ -350,61 +428,29 @@ def compute_stats(
     return metrics
 
 
+def _deal(items: Sequence[Any], tasks: int) -> list[list[Any]]:
+    """``task_groups`` that keeps empty groups: exactly ``tasks`` lists (the pairs beside the files)."""
+    return [list(items[k::tasks]) for k in range(tasks)]
+
+
 def _image_level(
-    items: list[dict[str, str]], registered_dir: str | Path, cfg: StatsConfig, tmp: Path
+    tables: Sequence[pa.Table], cfg: StatsConfig
 ) -> tuple[pa.Table, dict[str, float], int, dict[str, tuple[float, ...]]]:
-    """Whole images: statistics (one Ray Data map over the pairs), scales, weights -> ``images.parquet``.
+    """Whole images: the per-task statistic tables -> one table sorted by pair, scales, weights.
 
     Returns:
         ``(image_table, scales, count, {pair_id: (int_ir, int_vi, det_ir, det_vi)})``.
     """
-    refs = (
-        ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-        .map_batches(image_stats_batch, batch_size=None, batch_format="pyarrow",
-                     fn_kwargs={"registered_dir": str(registered_dir), "log_sigma": cfg.log_sigma})
-        .to_arrow_refs()
-    )
-    image_table = pa.concat_tables(ray.get(refs)).sort_by("pair_id")
-    cols = {c: image_table.column(c).to_numpy() for c in image_table.column_names}
+    image_table = pa.concat_tables(tables).sort_by("pair_id")
+    cols = {c: image_table.column(c).to_numpy(zero_copy_only=False) for c in image_table.column_names}
     scales, count = _level_scales(cols, cfg)
     ir = {s: cols[f"ir_{s}"] for s in STAT_NAMES}
     vi = {s: cols[f"vi_{s}"] for s in STAT_NAMES}
     weights = adaptive_weights(ir, vi, cfg.normalisation(scales))
     for name in WEIGHT_NAMES:
         image_table = image_table.append_column(f"w_{name}", pa.array(np.atleast_1d(weights[name]), pa.float64()))
-    pq.write_table(image_table, tmp / "images.parquet")
     per_pair = {pid: tuple(float(weights[n][i]) for n in WEIGHT_NAMES) for i, pid in enumerate(cols["pair_id"])}
     return image_table, scales, count, per_pair
-
-
-def _patch_level(
-    parts: list[Path], patches_dir: Path, cfg: StatsConfig, image_weights: Mapping[str, Sequence[float]],
-    watched: list[str], tmp: Path,
-) -> tuple[dict[str, float], int, dict[str, Any], dict[str, np.ndarray]]:
-    """Patches: pass 1 adds the statistics (staged) and sums the |IR - VIS| histograms into the
-    scales; pass 2 adds the weights (+ those of the patch's whole image) -> ``patches/``.
-
-    Returns:
-        ``(scales, count, weight metrics, weight histograms)``.
-    """
-    stage1 = tmp / ".pass1"
-    stage1.mkdir()
-    shards = [{"file": p.name} for p in parts]
-    only = None if cfg.scale_split == "all" else cfg.scale_split
-    rows = (ray.data.from_items(shards, override_num_blocks=len(shards))
-            .map(stats_shard, fn_kwargs={"src_dir": str(patches_dir), "dst_dir": str(stage1),
-                                         "log_sigma": cfg.log_sigma, "names": list(cfg.terms), "scale_split": only})
-            .iter_rows())
-    scales, count = accumulate_scales(rows, cfg.terms, only)
-    (tmp / "patches").mkdir()
-    rows = (ray.data.from_items(shards, override_num_blocks=len(shards))
-            .map(weights_shard, fn_kwargs={"src_dir": str(stage1), "dst_dir": str(tmp / "patches"),
-                                           "norm": cfg.normalisation(scales), "image_weights": image_weights,
-                                           "watched": watched})
-            .iter_rows())
-    metrics, hists = accumulate_weight_metrics(rows, watched)
-    shutil.rmtree(stage1)
-    return scales, count, metrics, hists
 
 
 def _level_scales(cols: Mapping[str, np.ndarray], cfg: StatsConfig) -> tuple[dict[str, float], int]:

@@ -15,8 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
+from pipeline.common import ray_runtime
+from pipeline.common.ray_runtime import (
+    configure_data_context,
+    map_groups,
+    ray_options,
+    resolve_address,
+    run_serially,
+    task_count,
+    task_groups,
+)
 from pipeline.data.demo import generate_demo
-from pipeline.common.ray_runtime import ray_options, resolve_address
 
 
 def _free_port() -> int:
@@ -31,6 +40,45 @@ def test_address_resolution(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     assert resolve_address(None) == "127.0.0.1:1" and resolve_address("auto") == "auto"
     assert ray_options({"ray": {"address": None, "num_cpus": 2}}) == {"address": None, "num_cpus": 2}
+
+
+def test_task_count_scales_with_cpus_and_caps_items_per_task(monkeypatch):
+    monkeypatch.setattr(ray_runtime, "TASKS_PER_CPU", 4)
+    monkeypatch.setattr(ray_runtime, "MAX_ITEMS_PER_TASK", 64)
+    assert task_count(0, cpus=2) == 0
+    assert task_count(3, cpus=2) == 3  # never more tasks than items
+    assert task_count(28, cpus=2) == 8 and task_count(28, cpus=1) == 4 and task_count(28, cpus=16) == 28
+    assert task_count(1000, cpus=2) == 16  # at most 64 items per task
+
+
+@pytest.mark.parametrize("n,k", [(28, 8), (5, 8), (442, 8), (1, 1), (9, 3)])
+def test_task_groups_deal_every_item_once_round_robin(n, k):
+    items = [f"part-{i:05d}" for i in range(n)]
+    groups = task_groups(items, k)
+    assert sorted(x for g in groups for x in g) == items  # a partition
+    assert len(groups) == min(n, k) and all(groups)
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1  # balanced
+    assert groups[0][:2] == items[0 : 2 * k : k]  # item i -> group i % k
+    with pytest.raises(ValueError):
+        task_groups(items, 0)
+
+
+def test_map_groups_is_one_task_per_group_in_order_like_run_serially(ray_local):
+    def _describe_group(group: list[int], offset: int) -> dict:  # local: Ray pickles it by value
+        if offset < 0:
+            raise ValueError(f"bad group {group}")
+        return {"total": sum(group) + offset, "first": group[0], "pid": os.getpid()}
+
+    configure_data_context()
+    groups = task_groups(list(range(50)), 7)
+    on_ray = map_groups("test", _describe_group, groups, {"offset": 1000})
+    serial = run_serially("test", _describe_group, groups, {"offset": 1000})
+    assert [{k: r[k] for k in ("total", "first")} for r in on_ray] == [{k: r[k] for k in ("total", "first")} for r in serial]
+    assert [r["first"] for r in on_ray] == list(range(7))  # group order, whatever the task order
+    assert {r["pid"] for r in on_ray} != {os.getpid()}  # ran in Ray workers
+    assert map_groups("test", _describe_group, [], {"offset": 0}) == []
+    with pytest.raises(ValueError, match="bad group"):  # the task's own exception, not a wrapper
+        map_groups("test", _describe_group, groups, {"offset": -1})
 
 
 def test_register_stage_on_an_existing_cluster(tmp_path, ray_fresh):

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import shared_dataset, shared_file
+from pipeline.common import ray_runtime
 from pipeline.common.config import ParamsError
 from pipeline.data.contracts import PATCH_SCHEMA, decode_patches, read_registered_pair
 from pipeline.data.crop import (
@@ -118,18 +119,23 @@ def test_plan_skips_pairs_smaller_than_a_patch(tmp_path):
     assert sorted(record["train"] + record["val"] + record["test"]) == ["p0", "p1", "p2", "p3", "tiny"]
 
 
-def test_crop_dataset_on_real_pairs_is_deterministic(tmp_path, ray_local):
+def test_crop_dataset_on_real_pairs_is_deterministic(tmp_path, ray_local, monkeypatch):
     data = shared_dataset("RoadScene")
     reg = tmp_path / "registered"
     stems = registered_from_dataset(data, reg, 5, rejected=["bad_pair"])
     cfg = CropConfig(patch_size=96, stride=80, drop_flat=1.0, pairs_per_shard=2, seed=3)
-    first = crop_dataset(reg, tmp_path / "p1", cfg)
-    second = crop_dataset(reg, tmp_path / "p2", cfg)
+    first = crop_dataset(reg, tmp_path / "p1", cfg)  # 3 shards -> 3 tasks on 2 CPUs
+    monkeypatch.setattr(ray_runtime, "TASKS_PER_CPU", 1)
+    second = crop_dataset(reg, tmp_path / "p2", cfg)  # 2 tasks, one of them with 2 shards
+    third = crop_dataset(reg, tmp_path / "p3", cfg, runner=ray_runtime.run_serially)  # no Ray
     parts1 = sorted(p.name for p in (tmp_path / "p1").glob("part-*.parquet"))
     assert len(parts1) == 3  # 5 pairs, 2 per shard
-    for name in parts1:  # same params -> same files, rows and bytes
-        assert pq.read_table(tmp_path / "p1" / name).equals(pq.read_table(tmp_path / "p2" / name))
-    assert first == second
+    for other in ("p2", "p3"):
+        assert sorted(p.name for p in (tmp_path / other).glob("part-*.parquet")) == parts1
+        for name in parts1:  # same params -> same files, rows and bytes, whatever the tasks
+            assert (tmp_path / "p1" / name).read_bytes() == (tmp_path / other / name).read_bytes()
+        assert (tmp_path / "p1" / "split.json").read_text() == (tmp_path / other / "split.json").read_text()
+    assert first == second == third
     table = pq.read_table([str(tmp_path / "p1" / n) for n in parts1])  # split.json sits beside the shards
     assert table.schema.remove_metadata() == PATCH_SCHEMA
     rows = table.to_pydict()

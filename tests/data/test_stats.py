@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import shared_dataset
-from pipeline.evaluate import metrics
+from pipeline.common import ray_runtime
 from pipeline.common.config import ParamsError
+from pipeline.evaluate import metrics
 from pipeline.data.contracts import read_registered_pair
 from pipeline.data.crop import CropConfig, crop_dataset
 from pipeline.data.images import split_luma
@@ -172,6 +173,36 @@ def test_crop_and_stats_on_real_roadscene_pairs(tmp_path, ray_local):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 50 and sum(int(r["w_int_ir_patch"]) for r in rows) == len(patches)
     assert sum(int(r["w_det_ir_image"]) for r in rows) == len(images)
+
+
+def test_stats_outputs_do_not_depend_on_the_tasks_or_on_ray(tmp_path, ray_local, monkeypatch):
+    """The same files from Ray Data with 8 or 2 tasks and from the serial runner (no Ray)."""
+    data = shared_dataset("RoadScene")
+    reg = tmp_path / "registered"
+    registered_from_dataset(data, reg, 9)
+    crop_dataset(reg, tmp_path / "patches", CropConfig(patch_size=64, stride=64, pairs_per_shard=1))
+    cfg = StatsConfig()
+    runs = {"ray": compute_stats(tmp_path / "patches", reg, tmp_path / "ray", cfg)}
+    monkeypatch.setattr(ray_runtime, "TASKS_PER_CPU", 1)
+    runs["ray2"] = compute_stats(tmp_path / "patches", reg, tmp_path / "ray2", cfg)
+    runs["serial"] = compute_stats(tmp_path / "patches", reg, tmp_path / "serial", cfg, runner=ray_runtime.run_serially)
+    files = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    assert len([f for f in files if f.name.startswith("part-")]) == 9 and not any(".pass1" in str(f) for f in files)
+    for other in ("ray2", "serial"):
+        assert sorted(p.relative_to(tmp_path / other) for p in (tmp_path / other).rglob("*") if p.is_file()) == files
+        for f in files:
+            if f.suffix == ".parquet":
+                assert pq.read_table(tmp_path / "ray" / f).equals(pq.read_table(tmp_path / other / f)), f
+            else:
+                assert (tmp_path / "ray" / f).read_text() == (tmp_path / other / f).read_text(), f
+        # per-task sums of the weight moments: equal up to the order of the float additions
+        assert _approx_equal(runs[other], runs["ray"])
+
+
+def _approx_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_approx_equal(a[k], b[k]) for k in a)
+    return a == pytest.approx(b, rel=1e-9, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- ablation: fixed weights
