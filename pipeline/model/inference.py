@@ -15,8 +15,11 @@
     produce the final intensities (our checkpoints) should use.
 
 - Speed: ``torch.inference_mode``, eval mode, channels-last memory layout (oneDNN's native layout
-  for these 32-channel convolutions; measured in ``bench/bench_inference.py``), thread count set
-  by the caller (``set_threads``; the ``mda fuse`` default is one thread per available core).
+  for these 32-channel convolutions), fused oneDNN kernels on the CPU
+  (``pipeline.model.network.fused_inference``: each convolution with the activation after it, and
+  the residual sums inside the last convolution of each block; equal to the module-by-module path
+  within float rounding), thread count set by the caller (``set_threads``; the ``mda fuse`` default
+  is one thread per available core). Measured in ``bench/bench_inference.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.data.images import merge_luma, split_luma
-from pipeline.model.network import SIZE_MULTIPLE
+from pipeline.model.network import SIZE_MULTIPLE, fused_inference
 from pipeline.model.weights import load_model
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,8 @@ class Fuser:
         postprocess: ``"minmax"`` or ``"clip"`` (see the module docstring).
         channels_last: run the convolutions in channels-last layout (faster on CPU; same result
             within float rounding).
+        fused: run the network's fused oneDNN kernels on the CPU (``fused_inference``; same result
+            within float rounding); ``False``: module by module.
 
     The model is put in eval mode (and converted to channels-last) in place. ``info`` holds the
     description returned by ``load_model`` when built with ``from_file`` (else ``{}``).
@@ -129,11 +134,13 @@ class Fuser:
         >>> fused = fuser(ir_u8, vis_bgr_u8)       # (H, W, 3) uint8
     """
 
-    def __init__(self, model: nn.Module, postprocess: str = "minmax", channels_last: bool = True) -> None:
+    def __init__(self, model: nn.Module, postprocess: str = "minmax", channels_last: bool = True,
+                 fused: bool = True) -> None:
         if postprocess not in POSTPROCESS_MODES:
             raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}")
         self.postprocess = postprocess
         self.channels_last = channels_last
+        self.fused = fused
         self.info: dict[str, Any] = {}
         self.model = model.eval()
         if channels_last:
@@ -175,7 +182,7 @@ class Fuser:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        with torch.inference_mode():
+        with torch.inference_mode(), fused_inference(self.fused):
             out = fuse_padded(self.model, ir.to(device), vi.to(device), fmt)
         return out.float().cpu().contiguous()
 

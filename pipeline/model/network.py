@@ -20,6 +20,12 @@ dict onto these modules and accounts for the unused tensors explicitly.
 
 Each attention map is computed once per fusion point (the authors' code evaluates them twice).
 
+Inference on the CPU (``fused_inference()``, used by ``pipeline.model.inference.Fuser``): the
+convolution chains (``ConvChain``, an ``nn.Sequential`` with the same children and state-dict keys)
+run each convolution fused with the activation after it, and each residual block adds its body's
+last convolution into the skip branch inside that convolution (oneDNN post-ops). Only without
+autograd, on float32 CPU tensors; training and every other caller run module by module.
+
 Ablation switches (``model.args``; the defaults are the full model above, whose state dict and
 forward pass they leave unchanged):
 
@@ -37,7 +43,10 @@ forward pass they leave unchanged):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -128,6 +137,116 @@ def _up3(cin: int, cout: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
 
 
+# --- Fused CPU inference (oneDNN) -------------------------------------------------------------
+# Inside ``fused_inference()`` and without autograd, on float32 CPU tensors, a convolution and the
+# activation after it run as one oneDNN primitive (``torch.ops.mkldnn._convolution_pointwise``,
+# the kernels inductor uses), and the last convolution of a residual block adds its result into
+# the skip branch in place (oneDNN "sum" post-op). The activation and the sum are applied to the
+# convolution's output while it is still in cache, instead of in separate passes over memory;
+# results are bitwise equal to the module-by-module path on the shapes the tests cover (PReLU with
+# one weight is leaky ReLU with that slope). Training (autograd on) never takes this path.
+
+_FUSED_INFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("mda_fused_inference", default=False)
+
+
+@contextlib.contextmanager
+def fused_inference(enabled: bool = True) -> Iterator[None]:
+    """Let the network's blocks run fused oneDNN kernels where they can (no-grad CPU float32 only)."""
+    token = _FUSED_INFERENCE.set(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_INFERENCE.reset(token)
+
+
+def _fusable(x: Tensor) -> bool:
+    """Whether the fused path applies to ``x`` now (context on, no autograd, CPU float32, oneDNN)."""
+    return (_FUSED_INFERENCE.get() and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and bool(torch.backends.mkldnn.enabled))
+
+
+def _post_op(act: nn.Module | None) -> tuple[str, list[float]] | None:
+    """oneDNN post-op (name, scalars) equal to ``act``; ``None`` if it has no exact equivalent."""
+    if act is None:
+        return "none", []
+    if isinstance(act, nn.PReLU) and act.weight.numel() == 1:
+        return "leaky_relu", [float(act.weight)]
+    if isinstance(act, nn.ReLU):
+        return "relu", []
+    if isinstance(act, nn.Sigmoid):
+        return "sigmoid", []
+    if isinstance(act, nn.Tanh):
+        return "tanh", []
+    return None
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """A 2-D (transposed) convolution with zero padding given as numbers: oneDNN runs it as is."""
+    return (isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def _conv_fused(conv: nn.Conv2d | nn.ConvTranspose2d, x: Tensor, attr: str, scalars: list[float]) -> Tensor:
+    """``act(conv(x))`` as one oneDNN primitive (``attr``/``scalars`` from ``_post_op``)."""
+    pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
+    if isinstance(conv, nn.ConvTranspose2d):
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, conv.weight, conv.bias, pad, list(conv.output_padding), stride, dil, conv.groups, attr, scalars, "")
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, pad, stride, dil, conv.groups,
+                                                   attr, scalars, "")
+
+
+def _run_fused(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """Run ``layers`` in order, each convolution fused with the activation that follows it."""
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if _plain_conv(layer):
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            post = _post_op(nxt) if nxt is not None else None
+            if post is not None and nxt is not None:
+                x, i = _conv_fused(layer, x, *post), i + 2
+                continue
+            x, i = _conv_fused(layer, x, "none", []), i + 1
+            continue
+        x, i = layer(x), i + 1
+    return x
+
+
+def _add_conv_into(acc: Tensor, conv: nn.Module, x: Tensor) -> Tensor:
+    """``acc += conv(x)`` (fused when possible); ``acc`` must not be needed elsewhere."""
+    if isinstance(conv, nn.Conv2d) and _plain_conv(conv) and acc.shape[1] == conv.out_channels:
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if acc.is_contiguous(memory_format=layout) and x.is_contiguous(memory_format=layout):
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                acc, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+                conv.groups, "add", 1.0, None, [], None)
+    return acc.add_(conv(x))
+
+
+class ConvChain(nn.Sequential):
+    """``nn.Sequential`` of convolutions and activations (same children, same state-dict keys).
+
+    Inside ``fused_inference()`` (no autograd, CPU float32) each convolution runs fused with the
+    activation that follows it; anywhere else it is exactly ``nn.Sequential``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """Apply the layers in order."""
+        if _fusable(x):
+            return _run_fused(list(self), x)
+        return super().forward(x)
+
+
+def _residual(body: nn.Sequential, skip: nn.Sequential, x: Tensor) -> Tensor:
+    """``body(x) + skip(x)``; on the fused path the last body convolution adds into ``skip(x)``."""
+    if _fusable(x):
+        layers = list(body)
+        return _add_conv_into(_run_fused(list(skip), x), layers[-1], _run_fused(layers[:-1], x))
+    return body(x).add_(skip(x))  # in place on a conv output: autograd-safe
+
+
 class ResidualDown(nn.Module):
     """Residual block, ``width -> width`` channels, spatial stride ``stride`` (1 or 2).
 
@@ -137,15 +256,15 @@ class ResidualDown(nn.Module):
 
     def __init__(self, width: int, stride: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(
+        self.body = ConvChain(
             _conv3(width, width), nn.PReLU(), _conv3(width, width), nn.PReLU(),
             _conv3(width, width, stride), _conv3(width, width),
         )
-        self.skip = nn.Sequential(_conv3(width, width), _conv3(width, width, stride), nn.PReLU())
+        self.skip = ConvChain(_conv3(width, width), _conv3(width, width, stride), nn.PReLU())
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, C, H/stride, W/stride)."""
-        return self.body(x).add_(self.skip(x))  # in place on a conv output: autograd-safe
+        return _residual(self.body, self.skip, x)
 
 
 class ResidualUp(nn.Module):
@@ -157,15 +276,15 @@ class ResidualUp(nn.Module):
 
     def __init__(self, width: int, out_channels: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(
+        self.body = ConvChain(
             _conv3(width, width), nn.PReLU(), _conv3(width, width), nn.PReLU(),
             _up3(width, width), _conv3(width, out_channels),
         )
-        self.skip = nn.Sequential(_conv3(width, width), _up3(width, out_channels), nn.PReLU())
+        self.skip = ConvChain(_conv3(width, width), _up3(width, out_channels), nn.PReLU())
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, out_channels, 2H, 2W)."""
-        return self.body(x).add_(self.skip(x))
+        return _residual(self.body, self.skip, x)
 
 
 class ChannelAttention(nn.Module):
@@ -178,11 +297,11 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, width: int, reduction: int, cross_scale: bool) -> None:
         super().__init__()
-        self.upsample = nn.Sequential(_up3(width, width), nn.PReLU()) if cross_scale else None
+        self.upsample = ConvChain(_up3(width, width), nn.PReLU()) if cross_scale else None
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.squeeze = nn.Sequential(_conv1(width, width // reduction), nn.PReLU())
-        self.excite_ir = nn.Sequential(_conv1(width // reduction, width), nn.Sigmoid())
-        self.excite_vi = nn.Sequential(_conv1(width // reduction, width), nn.Sigmoid())
+        self.squeeze = ConvChain(_conv1(width, width // reduction), nn.PReLU())
+        self.excite_ir = ConvChain(_conv1(width // reduction, width), nn.Sigmoid())
+        self.excite_vi = ConvChain(_conv1(width // reduction, width), nn.Sigmoid())
 
     def forward(self, ir: Tensor, vi: Tensor) -> tuple[Tensor, Tensor]:
         """ir (N, C, h, w) (h = H/2 if cross-scale), vi (N, C, H, W) -> two (N, C, 1, 1) in (0, 1)."""
@@ -202,11 +321,11 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, width: int, cross_scale: bool) -> None:
         super().__init__()
-        self.upsample = nn.Sequential(_up3(width, width), nn.PReLU()) if cross_scale else None
-        self.mix = nn.Sequential(_conv1(2 * width, width), nn.PReLU())
-        self.down = nn.Sequential(_conv3(width, width, stride=2), nn.PReLU())
-        self.map_ir = nn.Sequential(_up3(width, width), nn.Sigmoid())
-        self.map_vi = nn.Sequential(_up3(width, width), nn.Sigmoid())
+        self.upsample = ConvChain(_up3(width, width), nn.PReLU()) if cross_scale else None
+        self.mix = ConvChain(_conv1(2 * width, width), nn.PReLU())
+        self.down = ConvChain(_conv3(width, width, stride=2), nn.PReLU())
+        self.map_ir = ConvChain(_up3(width, width), nn.Sigmoid())
+        self.map_vi = ConvChain(_up3(width, width), nn.Sigmoid())
 
     def forward(self, ir: Tensor, vi: Tensor) -> tuple[Tensor, Tensor]:
         """ir (N, C, h, w), vi (N, C, H, W) (H, W even) -> two (N, C, H, W) in (0, 1)."""
@@ -227,7 +346,7 @@ class DualAttentionFusion(nn.Module):
     def __init__(self, width: int, reduction: int, cross_scale: bool) -> None:
         super().__init__()
         self.cross_scale = cross_scale
-        self.upsample = nn.Sequential(_up3(width, width), nn.ReLU()) if cross_scale else None
+        self.upsample = ConvChain(_up3(width, width), nn.ReLU()) if cross_scale else None
         self.channel = ChannelAttention(width, reduction, cross_scale)
         self.spatial = SpatialAttention(width, cross_scale)
 
@@ -258,7 +377,7 @@ class AddFusion(nn.Module):
     def __init__(self, width: int, cross_scale: bool) -> None:
         super().__init__()
         self.cross_scale = cross_scale
-        self.upsample = nn.Sequential(_up3(width, width), nn.ReLU()) if cross_scale else None
+        self.upsample = ConvChain(_up3(width, width), nn.ReLU()) if cross_scale else None
 
     def forward(self, ir: Tensor, vi: Tensor) -> Tensor:
         """ir (N, C, h, w), vi (N, C, H, W) -> fused (N, C, H, W)."""
@@ -272,7 +391,7 @@ class ConcatFusion(nn.Module):
     def __init__(self, width: int, cross_scale: bool) -> None:
         super().__init__()
         self.cross_scale = cross_scale
-        self.upsample = nn.Sequential(_up3(width, width), nn.ReLU()) if cross_scale else None
+        self.upsample = ConvChain(_up3(width, width), nn.ReLU()) if cross_scale else None
         self.mix = _conv1(2 * width, width)
 
     def forward(self, ir: Tensor, vi: Tensor) -> Tensor:
@@ -349,7 +468,7 @@ class MDANet(nn.Module):
         self.dec2 = ResidualUp(width, up2_channels) if scales >= 2 else None
         self.dec4 = nn.Sequential(ResidualUp(width, width), ResidualUp(width, up4_channels)) if scales >= 3 else None
         concat = {1: width, 2: 2 * width + up2_channels, 3: 2 * width + 2 * up2_channels + up4_channels}[scales]
-        self.head = nn.Sequential(_conv3(concat, width), _conv3(width, 1), nn.Tanh())
+        self.head = ConvChain(_conv3(concat, width), _conv3(width, 1), nn.Tanh())
 
     def encode(self, x: Tensor) -> tuple[Tensor, ...]:
         """Siamese encoder: (N, 1, H, W) -> features at 1x, 1/2 and 1/4 resolution (the first
