@@ -287,7 +287,10 @@ def child(args: argparse.Namespace) -> int:
 
             ray.shutdown()
     for phase, info in zip(phases, executions.records):  # Ray: what happened inside each execution
-        phase.update(task_wall_s=info["task_wall_s"], task_cpu_s=info["task_cpu_s"], driver_cpu_s=info["driver_cpu_s"])
+        phase.update({k: info[k] for k in ("task_wall_s", "task_cpu_s", "to_first_task_s", "after_last_task_s",
+                                           "driver_cpu_s")})
+        # CPU-seconds the execution left idle: its wall time on every CPU minus the time inside tasks
+        phase["idle_cpu_s"] = round(cpus * phase["wall_s"] - info["task_wall_s"], 3)
     result.update(work)
     result.update(
         wall_s=round(wall, 2),
@@ -306,7 +309,10 @@ def child(args: argparse.Namespace) -> int:
 def describe(run: dict) -> str:
     """One line per run: throughput, memory, start-up apart, and the passes."""
     start = f"warm-up {run['warmup_s']:.1f} s" + (f", ray.init {run['ray_init_s']:.1f} s" if "ray_init_s" in run else "")
-    passes = ", ".join(f"{p['name']} {p['wall_s']:.2f} s" for p in run["phases"])
+    passes = ", ".join(f"{p['name']} {p['wall_s']:.2f} s" + (
+        f" (in tasks {p['task_wall_s']:.2f} s, idle {p['idle_cpu_s']:.2f} CPU-s, first task after "
+        f"{p['to_first_task_s']:.2f} s, returned {p['after_last_task_s']:.2f} s after the last)" if "task_wall_s" in p else "")
+        for p in run["phases"])
     cpu = run["cpu_s"]
     return (f"{run['mode']:4s} {run['cpus']} CPU {run['scale']:2d}x ({run['pairs']:4d} pairs): {run['patches']} patches "
             f"in {run['wall_s']:.2f} s = {run['patches_per_s']:.0f} patches/s, peak memory {run['peak_mem_mib']:.0f} MiB"

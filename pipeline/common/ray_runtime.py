@@ -180,10 +180,10 @@ def task_groups(items: Sequence[_T], num_tasks: int) -> list[list[_T]]:
 
 def _run_group(row: Mapping[str, Any], fn: Callable[..., Any], fn_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Ray Data ``map`` function of ``map_groups``: one group in, one pickled result out (+ timings)."""
-    t0, c0 = time.perf_counter(), time.thread_time()
+    start, c0 = time.time(), time.thread_time()
     result = fn(pickle.loads(row["group"]), **fn_kwargs)
     return {"index": row["index"], "result": pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL),
-            "wall_s": time.perf_counter() - t0, "cpu_s": time.thread_time() - c0}
+            "start": start, "end": time.time(), "cpu_s": time.thread_time() - c0}
 
 
 def map_groups(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwargs: Mapping[str, Any] | None = None) -> list[Any]:
@@ -197,12 +197,14 @@ def map_groups(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwar
 
     Logs, at DEBUG, ``"<name>: N tasks in W s ..."`` with ``extra={"ray_data_execution": {...}}``:
     ``name``, ``tasks``, ``wall_s`` (the execution), ``task_wall_s``/``task_cpu_s`` (summed inside
-    the tasks) and ``driver_cpu_s`` (this process, every thread) -- what ``bench/bench_data.py``
-    reports as the breakdown of Ray Data's overhead.
+    the tasks), ``to_first_task_s`` (from the call to the start of the first task),
+    ``after_last_task_s`` (from the end of the last task to the return) and ``driver_cpu_s`` (this
+    process, every thread) -- what ``bench/bench_data.py`` reports as the breakdown of Ray Data's
+    overhead.
     """
     if not groups:
         return []
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, epoch0 = time.perf_counter(), time.process_time(), time.time()
     items = [{"index": k, "group": pickle.dumps(g, protocol=pickle.HIGHEST_PROTOCOL)} for k, g in enumerate(groups)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
         _run_group, fn_kwargs={"fn": fn, "fn_kwargs": dict(fn_kwargs or {})}
@@ -211,7 +213,10 @@ def map_groups(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwar
     if [int(r["index"]) for r in rows] != list(range(len(groups))):  # one row per task; anything else is a Ray Data contract change
         raise RuntimeError(f"{name}: {len(groups)} tasks returned {len(rows)} results")
     info = {"name": name, "tasks": len(groups), "wall_s": time.perf_counter() - t0,
-            "task_wall_s": float(sum(r["wall_s"] for r in rows)), "task_cpu_s": float(sum(r["cpu_s"] for r in rows)),
+            "task_wall_s": float(sum(r["end"] - r["start"] for r in rows)),
+            "task_cpu_s": float(sum(r["cpu_s"] for r in rows)),
+            "to_first_task_s": float(min(r["start"] for r in rows) - epoch0),
+            "after_last_task_s": float(time.time() - max(r["end"] for r in rows)),
             "driver_cpu_s": time.process_time() - c0}
     log.debug("%s: %d tasks in %.2f s (task time %.2f s, driver CPU %.2f s)", name, info["tasks"], info["wall_s"],
               info["task_wall_s"], info["driver_cpu_s"], extra={"ray_data_execution": info})
