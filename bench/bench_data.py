@@ -23,10 +23,11 @@ driver process, the worker processes and Ray's own daemons (raylet, GCS, agents)
 wall time and in-task time are recorded: the breakdown of where Ray's time goes.
 
 Usage: ``python bench/bench_data.py [--dataset ../shared/data/RoadScene] [--scales 1 4 16]
-[--num-cpus 1 2] [--modes loop pool ray]``. Defaults: ``--scales 1 4 --num-cpus 2`` (about 2
-minutes on 2 cores); ``--scales 1 4 16 --num-cpus 1 2`` takes about 10 minutes. Pool runs only
-for 2 CPUs or more. Prints each figure with its ratio (Ray/loop, Ray/Pool, memory growth vs 1x)
-and writes ``bench/results/data.json`` (``--out``).
+[--num-cpus 1 2] [--modes loop pool ray] [--merge]``. Defaults: ``--scales 1 4 --num-cpus 2``
+(about 2 minutes on 2 cores); ``--scales 1 4 16 --num-cpus 1 2`` takes about 8 minutes, or run
+16x apart and add it with ``--merge`` (ratios and memory growth are then computed over every run
+in the file). Pool runs only for 2 CPUs or more. Prints each figure with its ratio (Ray/loop,
+Ray/Pool, memory growth vs the smallest scale) and writes ``bench/results/data.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def child(args: argparse.Namespace) -> int:
     crop_cfg = CropConfig.from_params(section(params, "crop"))
     stats_cfg = StatsConfig.from_params(section(params, "stats"))
     result: dict = {"mode": args.child, "scale": args.scale, "pairs": args.count,
-                    "cpus": 1 if args.child == "loop" else cpus}
+                    "cpus": 1 if args.child == "loop" else cpus, "tasks_per_cpu": ray_runtime.TASKS_PER_CPU}
     pool = None
     if args.child == "ray":
         import ray
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks-per-cpu", type=int, default=None,
                         help="override pipeline.common.ray_runtime.TASKS_PER_CPU (task granularity; every mode)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the runs of --out for other (mode, scale, CPUs), e.g. 16x measured apart")
     parser.add_argument("--child", choices=["ray", "loop", "pool"], help=argparse.SUPPRESS)
     parser.add_argument("--registered", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -343,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_data: dataset not found: {args.dataset} (needs ir/ and vi/)", file=sys.stderr)
         return 1
 
-    from pipeline.common.ray_runtime import TASKS_PER_CPU
     from registered_fixtures import registered_from_dataset
 
     runs = []
@@ -354,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         stems = registered_from_dataset(args.dataset, base, count)
         for scale in args.scales:
             reg = replicate(base, Path(tmp) / f"x{scale}", scale)
+            import pyarrow.parquet as pq
+
+            pairs = pq.read_metadata(reg / "manifest.parquet").num_rows  # accepted pairs x scale
             jobs = [("loop", 1)] if "loop" in args.modes else []
             for cpus in args.num_cpus:
                 jobs += [(mode, cpus) for mode in ("pool", "ray") if mode in args.modes and (mode == "ray" or cpus >= 2)]
             for mode, cpus in jobs:
                 cmd = [sys.executable, __file__, "--child", mode, "--registered", str(reg), "--count",
-                       str(len(stems) * scale), "--scale", str(scale), "--num-cpus", str(cpus), "--params", str(args.params)]
+                       str(pairs), "--scale", str(scale), "--num-cpus", str(cpus), "--params", str(args.params)]
                 if args.tasks_per_cpu:
                     cmd += ["--tasks-per-cpu", str(args.tasks_per_cpu)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -368,13 +373,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
                     return 1
                 run = json.loads(line[0][len("RESULT "):])
+                run["load_1min_after"] = round(os.getloadavg()[0], 2)
                 runs.append(run)
                 print(describe(run), flush=True)
+    if args.merge and args.out.exists():  # keep the other (mode, scale, CPUs) runs of an earlier invocation
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("dataset") == str(args.dataset) and earlier.get("base_pairs") == len(stems):
+            fresh = {(r["mode"], r["scale"], r["cpus"]) for r in runs}
+            runs = [r for r in earlier["runs"] if (r["mode"], r["scale"], r["cpus"]) not in fresh] + runs
     by = {(r["mode"], r["scale"], r["cpus"]): r for r in runs}
+    scales = sorted({r["scale"] for r in runs})
+    all_cpus = sorted({r["cpus"] for r in runs if r["mode"] != "loop"})
     ratios = []
     print("\nratios (steady state; > 1: Ray faster):")
-    for scale in args.scales:
-        for cpus in args.num_cpus:
+    for scale in scales:
+        for cpus in all_cpus:
             ray_run = by.get(("ray", scale, cpus))
             if ray_run is None:
                 continue
@@ -389,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(entry)
             print(line)
     growth = []
-    if len(args.scales) > 1:
-        first = min(args.scales)
+    if len(scales) > 1:
+        first = scales[0]
         print(f"peak memory growth vs {first}x (flat: about 1.0):")
         for (mode, scale, cpus), run in sorted(by.items()):
             ref = by.get((mode, first, cpus))
@@ -406,7 +419,6 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "crop + stats: Ray Data vs single-process loop vs multiprocessing.Pool (same group functions)",
         "dataset": str(args.dataset),
         "base_pairs": len(stems),
-        "tasks_per_cpu": args.tasks_per_cpu or TASKS_PER_CPU,
         "runs": runs,
         "ratios": ratios,
         "memory_growth": growth,
