@@ -96,7 +96,9 @@ def decode_patches(batch: Mapping[str, np.ndarray], sample_weights: str = "image
 class PatchCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate function: patch rows -> dict of tensors on ``device``.
 
-    Output as in ``decode_patches``, as ``torch.float32`` tensors.
+    Output as in ``decode_patches``, as ``torch.float32`` tensors. On a CUDA device the decoded
+    batch is copied into pinned (page-locked) host memory first, so that the copy to the GPU runs
+    asynchronously (Ray Data calls the collate function on its prefetch thread, ahead of the step).
     """
 
     def __init__(self, device: Any = "cpu", sample_weights: str = "image") -> None:
@@ -104,10 +106,14 @@ class PatchCollate(NumpyBatchCollateFn):
         weight_columns(sample_weights)  # fail here, not in the first batch
         self.device = device
         self.sample_weights = sample_weights
+        self.pin_memory = torch.device(device).type == "cuda"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         arrays = decode_patches(batch, self.sample_weights)
-        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        if self.pin_memory:
+            tensors = {k: t.pin_memory() for k, t in tensors.items()}
+        return {k: t.to(self.device, non_blocking=True) for k, t in tensors.items()}
 
 
 def select_train_rows(files: Sequence[Path], max_patches: int, seed: int) -> set[tuple[str, int, int]] | None:

@@ -20,7 +20,7 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -98,8 +98,8 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     config.update(mlflow_uri=uri, mlflow_run_id=run_id, driver_host=socket.gethostname())
     try:
         with ray_session(**ray_options(params)) as resources:
-            trainer = _trainer(params, settings, paths, config, _run_config(params, settings, name, storage),
-                               resources)
+            trainer = build_trainer(train_loop_per_worker, config, settings, paths.patches_dir,
+                                    _run_config(params, settings, name, storage), resources)
             t_fit = time.perf_counter()
             try:
                 with drop_lines(RAY_TRAIN_CONTROLLER_NOISE) as filters:  # Ray Train V2 noise, see log_filter
@@ -168,15 +168,17 @@ def _run_config(params: Mapping[str, Any], settings: TrainSettings, name: str, s
     )
 
 
-def _trainer(params: Mapping[str, Any], settings: TrainSettings, paths: TrainPaths, config: dict[str, Any],
-             run_config: RunConfig, resources: Mapping[str, float]) -> TorchTrainer:
-    """The ``TorchTrainer`` over the patch table (inside the Ray session: the dataset is created here)."""
+def build_trainer(train_loop: Callable[[dict[str, Any]], None], config: dict[str, Any], settings: TrainSettings,
+                  patches_dir: str | Path, run_config: RunConfig, resources: Mapping[str, float]) -> TorchTrainer:
+    """The stage's ``TorchTrainer`` over the patch table, around ``train_loop`` (the stage:
+    ``train_loop_per_worker``; ``bench/bench_train.py``: its timed loop over the same pieces).
+    Call inside the Ray session: the dataset is created here."""
     # ordered driver DataContext (set by train_dataset): limit() and materialize() keep file order
-    dataset = train_dataset(paths.patches_dir, settings.max_train_patches, settings.sample_weights, seed=settings.seed)
+    dataset = train_dataset(patches_dir, settings.max_train_patches, settings.sample_weights, seed=settings.seed)
     if settings.materialize:  # read + filter once; epochs then iterate over the object store
         dataset = dataset.materialize()
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config=config,
         scaling_config=scaling_config(settings, resources),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),

@@ -28,11 +28,10 @@ from mlflow.tracking import MlflowClient
 from pipeline.common.atomic_io import copy_atomic, write_json
 from pipeline.common.config import flatten
 from pipeline.common.mlflow_store import configure_mlflow, unavailable
-from pipeline.train.settings import TrainSettings, check_run_name
+from pipeline.train.settings import MODEL_FILE, TrainSettings, check_run_name
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"  # the unwrapped model in pipeline.model.weights' checkpoint format, in each checkpoint
 RUN_TAG = "mda.train_run"  # MLflow tag holding the Ray Train run name (one MLflow run per name)
 CONFIG_TAG = "mda.train_config"  # MLflow tag: default_run_name() of the params/data/code it last trained with
 SUMMARY_ARTIFACT = "train_outputs.json"  # MLflow artifact: the summary and metrics a finished run wrote

@@ -10,6 +10,9 @@ from typing import Any, Mapping
 from pipeline.common.config import ParamsError, read_settings, section, setting
 
 VAL_METRICS = ("val_ssim", "val_qabf", "val_loss")
+#: the unwrapped model in ``pipeline.model.weights``' checkpoint format, in each Ray Train checkpoint
+#: (written by the worker, read by the driver and ``pipeline.train.runs``)
+MODEL_FILE = "model.pt"
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name and a safe MLflow filter value
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 

@@ -4,6 +4,7 @@ training step, whole-image validation. Usable without Ray (the benchmark's plain
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -16,11 +17,82 @@ from pipeline.train.data import WEIGHT_KEYS
 from pipeline.train.settings import TrainSettings
 
 
+class StepClock:
+    """Wall and CPU seconds of each phase of the training steps (profiling; the benchmarks).
+
+    ``train_step(..., clock=c)`` marks ``forward``, ``loss``, ``backward`` (with DDP: its gradient
+    all-reduce too), ``clip`` and ``optimiser``; the loop around it marks the rest (``data``:
+    waiting for the batch, ``log``) and closes each step with :meth:`end_step`. CPU time is the
+    calling thread's (``time.thread_time``): wall minus CPU is time the thread did not run (waiting
+    for data or an all-reduce, or another process on its core).
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, tuple[float, float]]] = []
+        self.first_mark_at: float | None = None  # time.time() of the first mark (start-up figures)
+        self._phases: dict[str, tuple[float, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def restart(self) -> None:
+        """Start timing the next phase now (drop what passed since the last mark)."""
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def mark(self, phase: str) -> None:
+        """Add the time since the previous mark to ``phase`` of the current step."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if self.first_mark_at is None:
+            self.first_mark_at = time.time()
+        w, c = self._phases.get(phase, (0.0, 0.0))
+        self._phases[phase] = (w + wall - self._wall, c + cpu - self._cpu)
+        self._wall, self._cpu = wall, cpu
+
+    def end_step(self) -> None:
+        """Close the current step."""
+        self.steps.append(self._phases)
+        self._phases = {}
+
+    def summary(self, skip: int = 0) -> dict[str, dict[str, float]]:
+        """Per phase (and ``step``, their sum): median wall and CPU seconds over the steps after
+        the first ``skip`` (warm-up)."""
+        steps = self.steps[skip:]
+        phases = list(dict.fromkeys(k for st in steps for k in st))
+        out: dict[str, dict[str, float]] = {}
+        for name in [*phases, "step"]:
+            pick = (lambda st: (sum(w for w, _ in st.values()), sum(c for _, c in st.values()))) if name == "step" \
+                else (lambda st, n=name: st.get(n, (0.0, 0.0)))
+            walls, cpus = zip(*(pick(st) for st in steps)) if steps else ((0.0,), (0.0,))
+            out[name] = {"wall_s": float(np.median(walls)), "cpu_s": float(np.median(cpus))}
+        return out
+
+
+class _NoClock(StepClock):
+    """A :class:`StepClock` that records nothing (the stage's untimed steps)."""
+
+    def mark(self, phase: str) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+
+NO_CLOCK = _NoClock()
+
+
+def prepare_for_training(model: torch.nn.Module, device: Any) -> torch.nn.Module:
+    """The network on ``device`` in channels-last (NHWC) memory layout, which its convolutions run
+    faster in (oneDNN on CPU, cuDNN tensor cores on GPU; ``bench/bench_step.py --compare``
+    measures it). The maths is unchanged: the inputs (one channel) need no conversion, and the
+    weights keep their values and state-dict layout (``state_dict`` tensors are the same numbers,
+    saved as they are)."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
 def build_optimizer(model: Any, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters."""
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay
-    )
+    """AdamW over the trainable parameters; the fused kernel (one pass over all parameters, the
+    same update) where every parameter is on a CPU or CUDA device, else the default."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused or None)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -50,6 +122,7 @@ def train_step(
     scheduler: Any | None = None,
     grad_clip: float = 0.0,
     bf16: bool = False,
+    clock: StepClock | None = None,
 ) -> dict[str, float]:
     """One optimiser step on a batch.
 
@@ -61,6 +134,7 @@ def train_step(
         optimizer, scheduler: stepped once each (scheduler may be ``None``).
         grad_clip: max global gradient norm, 0 disables clipping.
         bf16: autocast the forward pass to bfloat16 (GPU only; the loss runs in fp32).
+        clock: marks the phases of the step (:class:`StepClock`), ``None``: not timed.
 
     Returns:
         ``loss`` and each loss term (floats, this worker's batch), ``grad_norm`` and ``lr`` (the
@@ -70,25 +144,32 @@ def train_step(
     weights = {k: batch[k] for k in WEIGHT_KEYS}
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
+    mark = (clock or NO_CLOCK).mark
     with torch.autocast(ir.device.type, dtype=torch.bfloat16, enabled=bf16):
         fused, feats = model(ir, vi, return_features=True)
+    mark("forward")
     total, terms = loss_fn(fused.float(), ir, vi, weights, features=feats)
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite training loss {float(total)} (terms: {_floats(terms)})")
+    mark("loss")
     total.backward()
+    mark("backward")
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         norm = torch.linalg.vector_norm(
             torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
         )
+    mark("clip")
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     out = {"loss": float(total.detach()), **_floats(terms)}
     out["grad_norm"] = float(norm)
     out["lr"] = float(lr)
+    mark("optimiser")
     return out
+
 
 
 def _floats(terms: Mapping[str, Any]) -> dict[str, float]:

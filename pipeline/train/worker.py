@@ -13,9 +13,10 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import ray
@@ -23,7 +24,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 
 from pipeline.common.mlflow_store import log_metrics_batched
 from pipeline.data.images import write_image
@@ -31,9 +31,16 @@ from pipeline.model.network import build_model
 from pipeline.model.weights import load_model, save_checkpoint
 from pipeline.train.data import PatchCollate, load_val_pairs
 from pipeline.train.losses import FusionLoss
-from pipeline.train.runs import MODEL_FILE
-from pipeline.train.settings import VAL_METRICS, TrainSettings
-from pipeline.train.step import build_optimizer, build_scheduler, train_step, validate
+from pipeline.train.settings import MODEL_FILE, VAL_METRICS, TrainSettings
+from pipeline.train.step import (
+    NO_CLOCK,
+    StepClock,
+    build_optimizer,
+    build_scheduler,
+    prepare_for_training,
+    train_step,
+    validate,
+)
 
 STATE_FILE = "train_state.pt"  # optimizer/scheduler/progress, beside the model in a checkpoint
 
@@ -71,29 +78,64 @@ def _sum_over_workers(sums: dict[str, float], count: float,
 # ----------------------------------------------------------------------------------------------
 # World rank 0's MLflow logger
 class _Tracker:
-    """World rank 0's MLflow logger: per-step and per-epoch metrics, tags, images (no-op elsewhere)."""
+    """World rank 0's MLflow logger: per-step and per-epoch metrics, tags, images (no-op elsewhere).
+
+    The MLflow calls run in order on one background thread, so that neither MLflow's import (1-2 s
+    of a worker's start-up on 2 cores) nor a round trip to the store holds up a training step;
+    :meth:`flush` (each epoch's end, before its checkpoint is reported) waits for them and
+    re-raises the first failure.
+    """
 
     def __init__(self, uri: str | None, run_id: str | None, enabled: bool) -> None:
         self.enabled = bool(enabled and uri and run_id)
         self.run_id = run_id
+        self._pending: list[Future[Any]] = []
         if self.enabled:
-            self.client = MlflowClient(tracking_uri=uri)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracker")
+            self._client = self._pool.submit(_mlflow_client, uri)
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
-        if self.enabled:
-            log_metrics_batched(self.client, self.run_id, values, step)
+        values, now_ms = dict(values), int(time.time() * 1000)  # the values' time, not the logging time
+        self._submit(lambda: log_metrics_batched(self._client.result(), self.run_id, values, step, now_ms))
 
-    def tag(self, key: str, value: Any) -> None:
-        if self.enabled:
-            self.client.set_tag(self.run_id, key, str(value))
+    def tags(self, values: Mapping[str, Any]) -> None:
+        values = {k: str(v) for k, v in values.items()}
+        self._submit(lambda: self._client.result().log_batch(
+            self.run_id, tags=[_run_tag(k, v) for k, v in values.items()]))
 
     def image(self, image: np.ndarray, artifact_file: str) -> None:
-        if not self.enabled:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            write_image(path, image)
-            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
+        def log() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                write_image(path, image)
+                self._client.result().log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
+
+        self._submit(log)
+
+    def flush(self) -> None:
+        """Wait for every MLflow call so far; re-raise the first that failed."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _submit(self, call: Callable[[], Any]) -> None:
+        if self.enabled:
+            self._pending.append(self._pool.submit(call))
+
+
+def _mlflow_client(uri: str) -> Any:
+    """``MlflowClient`` for ``uri``. MLflow is imported here, on the tracker's thread: only world
+    rank 0 needs it, and its import is the largest part of a training worker's imports."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _run_tag(key: str, value: str) -> Any:
+    # imported by _mlflow_client already (on the tracker thread, as this is)
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
 
 
 def _check_tracking_reachable(uri: str | None, driver_host: str) -> None:
@@ -108,7 +150,7 @@ def _check_tracking_reachable(uri: str | None, driver_host: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # One worker's training job
 @dataclass
-class _Job:
+class Job:
     """What the epoch helpers share on one worker."""
 
     settings: TrainSettings
@@ -125,6 +167,7 @@ class _Job:
     nodes: list[str]
     start_epoch: int
     global_step: int
+    clock: StepClock = NO_CLOCK  # a StepClock times every step's phases (the benchmarks)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -135,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``mlflow_uri``, ``mlflow_run_id``, ``driver_host``.
     """
     s = TrainSettings(**config["settings"])
-    job = _prepare_job(config, s)
+    job = prepare_job(config, s)
     pairs = _val_pairs(config, job.rank, job.world)
     shard = ray.train.get_dataset_shard("train")
     collate = PatchCollate(job.device, s.sample_weights)
@@ -149,14 +192,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              resumed_from_epoch=job.start_epoch - 1)
         if job.rank == 0:
             _log_epoch(job.tracker, epoch, epoch_metrics, samples)
+        job.tracker.flush()  # the epoch's MLflow logging done (or its error raised) before its report
         checkpoint_and_report(job, epoch, epoch_metrics)
 
 
-def _prepare_job(config: dict[str, Any], s: TrainSettings) -> _Job:
+def prepare_job(config: dict[str, Any], s: TrainSettings) -> Job:
     """Seeds, model (restored from ``ray.train.get_checkpoint()`` if any, then ``prepare_model``),
     loss, optimiser and schedule, MLflow tracker and the run's tags."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        _check_tracking_reachable(config.get("mlflow_uri"), config.get("driver_host", ""))
+    tracker = _Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)  # first: MLflow loads meanwhile
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     torch.manual_seed(s.seed)
@@ -168,6 +215,7 @@ def _prepare_job(config: dict[str, Any], s: TrainSettings) -> _Job:
     state = _restore(checkpoint, model, s) if checkpoint is not None else None
     if checkpoint is None and config.get("init_weights"):  # fine-tune (train.init_weights); a resume wins
         init_from_weights(model, config["init_weights"], config["model_name"], config["model_args"])
+    model = prepare_for_training(model, device)  # channels-last on its device (faster convolutions, same maths)
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     optimizer = build_optimizer(model, s)
     scheduler = build_scheduler(optimizer, s, int(config["steps_per_epoch"]) * s.epochs)
@@ -175,19 +223,15 @@ def _prepare_job(config: dict[str, Any], s: TrainSettings) -> _Job:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     start_epoch, global_step = (int(state["epoch"]) + 1, int(state["global_step"])) if state else (1, 0)
-    if rank == 0:
-        _check_tracking_reachable(config.get("mlflow_uri"), config.get("driver_host", ""))
-    tracker = _Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id"), rank == 0)
     nodes = _gather_objects(ray.get_runtime_context().get_node_id())
     if rank == 0:
-        tracker.tag("loss.vgg_source", loss_fn.vgg_source)
-        tracker.tag("train.worker_nodes", ",".join(nodes))
-        tracker.tag("train.world_size", world)
+        tags = {"loss.vgg_source": loss_fn.vgg_source, "train.worker_nodes": ",".join(nodes), "train.world_size": world}
         if checkpoint is not None:
-            tracker.tag(f"train.resumed_at_epoch_{start_epoch}", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            tags[f"train.resumed_at_epoch_{start_epoch}"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        tracker.tags(tags)
     net = model.module if hasattr(model, "module") else model
-    return _Job(s, config, rank, world, device, model, net, loss_fn, optimizer, scheduler, tracker, nodes,
-                start_epoch, global_step)
+    return Job(s, config, rank, world, device, model, net, loss_fn, optimizer, scheduler, tracker, nodes,
+               start_epoch, global_step)
 
 
 def init_from_weights(model: torch.nn.Module, path: str, model_name: str, model_args: Mapping[str, Any]) -> None:
@@ -232,7 +276,7 @@ def _val_pairs(config: dict[str, Any], rank: int, world: int) -> list[Any]:
     return pairs[rank::world]
 
 
-def train_epoch(job: _Job, shard: Any, collate: PatchCollate, epoch: int) -> dict[str, float]:
+def train_epoch(job: Job, shard: Any, collate: PatchCollate, epoch: int) -> dict[str, float]:
     """One epoch of ``steps_per_epoch`` optimiser steps on this worker's shard (the same count on
     every worker, as DDP needs); rank 0 logs ``train/*`` every ``log_every_steps`` steps.
 
@@ -252,10 +296,13 @@ def train_epoch(job: _Job, shard: Any, collate: PatchCollate, epoch: int) -> dic
         local_shuffle_seed=(s.seed + epoch) if s.shuffle_buffer else None,
     )
     t_step = time.perf_counter()
+    clock = job.clock
+    clock.restart()
     for batch in batches:
         if steps >= steps_per_epoch:  # equal step counts on every worker (DDP needs it)
             break
-        out = train_step(job.model, batch, job.loss_fn, job.optimizer, job.scheduler, s.grad_clip, bf16)
+        clock.mark("data")
+        out = train_step(job.model, batch, job.loss_fn, job.optimizer, job.scheduler, s.grad_clip, bf16, clock)
         steps += 1
         job.global_step += 1
         now = time.perf_counter()
@@ -267,6 +314,8 @@ def train_epoch(job: _Job, shard: Any, collate: PatchCollate, epoch: int) -> dic
             sums[k] = sums.get(k, 0.0) + v
         if job.rank == 0 and (job.global_step % s.log_every_steps == 0 or steps == 1):
             job.tracker.metrics({f"train/{k}": v for k, v in out.items()}, job.global_step)
+        clock.mark("log")
+        clock.end_step()
     if steps == 0:
         raise ValueError("a training worker received no full batch: too few training patches for "
                          f"train.batch_size={s.batch_size} x {job.world} workers")
@@ -278,7 +327,7 @@ def train_epoch(job: _Job, shard: Any, collate: PatchCollate, epoch: int) -> dic
     return out
 
 
-def validate_epoch(job: _Job, pairs: list[Any]) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
+def validate_epoch(job: Job, pairs: list[Any]) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Whole-image validation of this worker's pairs (``pipeline.train.step.validate``), averaged
     over all workers' pairs.
 
@@ -304,7 +353,7 @@ def _log_epoch(tracker: _Tracker, epoch: int, epoch_metrics: Mapping[str, float]
         tracker.image(image, f"val_samples/epoch_{epoch:03d}/{stem}.png")
 
 
-def checkpoint_and_report(job: _Job, epoch: int, epoch_metrics: dict[str, Any]) -> None:
+def checkpoint_and_report(job: Job, epoch: int, epoch_metrics: dict[str, Any]) -> None:
     """``ray.train.report`` on every worker, with a checkpoint (written by rank 0: the unwrapped
     model as ``MODEL_FILE``, optimiser/scheduler/progress as ``STATE_FILE``) every
     ``checkpoint_every`` epochs and at the last epoch."""

@@ -161,3 +161,51 @@ def test_val_inputs_errors_name_the_file(tmp_path):
     (inputs["registered"] / "vi" / "v00.png").write_bytes((inputs["registered"] / "ir" / "v00.png").read_bytes())
     with pytest.raises(ValueError, match="images.parquet.*w_int_vi"):
         load_val_pairs(inputs["registered"], inputs["split"], inputs["images"])
+
+
+def test_step_clock_times_every_phase_of_a_step(tmp_path):
+    from pipeline.train.step import StepClock
+
+    params = tiny_params(tmp_path)
+    model, loss_fn = tiny_model(), tiny_loss(params)
+    raw, _, _ = patch_batch(n=2, s=16)
+    batch = {k: torch.from_numpy(v) for k, v in decode_patches(raw).items()}
+    opt = build_optimizer(model, TrainSettings())
+    clock = StepClock()
+    for _ in range(3):
+        clock.restart()
+        train_step(model, batch, loss_fn, opt, clock=clock)
+        clock.mark("log")
+        clock.end_step()
+    assert len(clock.steps) == 3 and clock.first_mark_at is not None
+    assert list(clock.steps[0]) == ["forward", "loss", "backward", "clip", "optimiser", "log"]
+    summary = clock.summary(skip=1)
+    assert set(summary) == {"forward", "loss", "backward", "clip", "optimiser", "log", "step"}
+    assert summary["backward"]["wall_s"] > 0 and summary["forward"]["cpu_s"] >= 0
+    total = [sum(w for w, _ in st.values()) for st in clock.steps[1:]]
+    assert summary["step"]["wall_s"] == pytest.approx(float(np.median(total)))
+
+
+def test_channels_last_and_fused_adamw_keep_the_maths(tmp_path):
+    """The stage's speed-ups (prepare_for_training, the fused AdamW of build_optimizer) give the
+    losses, gradients and updated weights of the plain NCHW model with the for-loop AdamW."""
+    from pipeline.train.step import prepare_for_training
+
+    params = tiny_params(tmp_path)
+    loss_fn = tiny_loss(params)
+    raw, _, _ = patch_batch(n=4, s=16)
+    batch = {k: torch.from_numpy(v) for k, v in decode_patches(raw).items()}
+    s = TrainSettings(lr=1e-2, warmup_steps=0)
+    plain_model = tiny_model()
+    fast_model = prepare_for_training(tiny_model(), "cpu")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast_model.parameters() if p.dim() == 4)
+    assert all(torch.equal(a, b) for a, b in zip(plain_model.state_dict().values(), fast_model.state_dict().values()))
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=s.lr, weight_decay=s.weight_decay, foreach=False)
+    fast_opt = build_optimizer(fast_model, s)
+    assert fast_opt.param_groups[0]["fused"] is True
+    for _ in range(3):
+        a = train_step(plain_model, batch, loss_fn, plain_opt, grad_clip=1.0)
+        b = train_step(fast_model, batch, loss_fn, fast_opt, grad_clip=1.0)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for p, q in zip(plain_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
