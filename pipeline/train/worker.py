@@ -178,9 +178,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``mlflow_uri``, ``mlflow_run_id``, ``driver_host``.
     """
     s = TrainSettings(**config["settings"])
+    shard = ray.train.get_dataset_shard("train")  # first: Ray Data's split coordinator starts during prepare_job
     job = prepare_job(config, s)
     pairs = _val_pairs(config, job.rank, job.world)
-    shard = ray.train.get_dataset_shard("train")
     collate = PatchCollate(job.device, s.sample_weights)
     for epoch in range(job.start_epoch, s.epochs + 1):
         t0 = time.perf_counter()
