@@ -171,7 +171,7 @@ def _post_op(act: nn.Module | None) -> tuple[str, list[float]] | None:
     if act is None:
         return "none", []
     if isinstance(act, nn.PReLU) and act.weight.numel() == 1:
-        return "leaky_relu", [float(act.weight)]
+        return "leaky_relu", [float(act.weight.detach())]
     if isinstance(act, nn.ReLU):
         return "relu", []
     if isinstance(act, nn.Sigmoid):
@@ -223,6 +223,35 @@ def _add_conv_into(acc: Tensor, conv: nn.Module, x: Tensor) -> Tensor:
                 acc, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
                 conv.groups, "add", 1.0, None, [], None)
     return acc.add_(conv(x))
+
+
+def _concat_conv(mix: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+    """``mix(torch.cat([a, b], dim=1))``, ``mix`` a 1x1 convolution (or a chain of one and a scalar PReLU / ReLU).
+
+    On the fused path the concatenation is never built: the convolution's weight is split by
+    input channels, ``conv_b(b)`` is added in place into ``conv_a(a)`` and the activation is
+    applied in place (one map fewer to allocate and copy). Anywhere else, or for other layers,
+    exactly ``mix(torch.cat([a, b], dim=1))``.
+    """
+    if not _fusable(a):
+        return mix(torch.cat([a, b], dim=1))
+    layers = list(mix) if isinstance(mix, nn.Sequential) else [mix]
+    conv = layers[0]
+    post = _post_op(layers[1] if len(layers) == 2 else None) if len(layers) <= 2 else None
+    layout = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    if (post is None or post[0] not in ("none", "leaky_relu", "relu")
+            or not isinstance(conv, nn.Conv2d) or not _plain_conv(conv) or conv.kernel_size != (1, 1)
+            or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1
+            or not (a.is_contiguous(memory_format=layout) and b.is_contiguous(memory_format=layout))):
+        return mix(torch.cat([a, b], dim=1))
+    c = a.shape[1]
+    weight_a, weight_b = conv.weight[:, :c].contiguous(), conv.weight[:, c:].contiguous()
+    ops = torch.ops.mkldnn
+    out = ops._convolution_pointwise(a, weight_a, conv.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+    ops._convolution_pointwise_.binary(out, b, weight_b, None, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
+    if post[0] == "leaky_relu":
+        return torch.nn.functional.leaky_relu_(out, post[1][0])
+    return out.relu_() if post[0] == "relu" else out
 
 
 class ConvChain(nn.Sequential):
@@ -331,7 +360,7 @@ class SpatialAttention(nn.Module):
         """ir (N, C, h, w), vi (N, C, H, W) (H, W even) -> two (N, C, H, W) in (0, 1)."""
         if self.upsample is not None:
             ir = self.upsample(ir)
-        f = self.down(self.mix(torch.cat([ir, vi], dim=1)))
+        f = self.down(_concat_conv(self.mix, ir, vi))
         return self.map_ir(f), self.map_vi(f)
 
 
@@ -397,7 +426,7 @@ class ConcatFusion(nn.Module):
     def forward(self, ir: Tensor, vi: Tensor) -> Tensor:
         """ir (N, C, h, w), vi (N, C, H, W) -> fused (N, C, H, W)."""
         ir_up = self.upsample(ir) if self.upsample is not None else ir
-        return self.mix(torch.cat([ir_up, vi], dim=1))
+        return _concat_conv(self.mix, ir_up, vi)
 
 
 #: ``model.args.fusion`` -> the fusion-block kind (``attention`` is the paper's).

@@ -71,8 +71,10 @@ def test_fused_path_runs_fused_kernels_and_no_separate_activations(channels_last
     # every PReLU / ReLU / Sigmoid / Tanh runs inside a convolution; residual sums too
     assert not {"prelu", "_prelu_kernel", "relu", "sigmoid", "tanh"} & set(counts), counts
     assert counts["_convolution_pointwise"] > 0 and counts["_convolution_transpose_pointwise"] > 0
-    # one in-place "conv + skip" per residual block: enc1, enc2, 2x enc4, dec2, 2x dec4
-    assert counts["_convolution_pointwise_"] == 7
+    # in-place "conv + skip" in each residual block (enc1, enc2, 2x enc4, dec2, 2x dec4) and
+    # "conv_ir + conv_vi" in each of the 5 spatial attentions instead of a concatenation
+    assert counts["_convolution_pointwise_"] == 7 + 5
+    assert counts["cat"] == 3  # the IR/VIS batch, dec2's batch of F22/F24, the head's 104 channels
 
 
 def test_unfused_fuser_and_plain_eager_never_take_the_fused_path():
