@@ -43,18 +43,23 @@ from pathlib import Path
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as mda fuse; read by torch at its first allocation
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.common.machine import cpu_model  # noqa: E402
-from pipeline.data.images import read_ir, read_visible, split_luma  # noqa: E402
-from pipeline.model.inference import Fuser, available_cores, pad_to_multiple, set_threads  # noqa: E402
-from pipeline.model.network import SIZE_MULTIPLE, build_model  # noqa: E402
-from pipeline.model.weights import load_model  # noqa: E402
+from pipeline.common.machine import cpu_model
+from pipeline.data.images import read_ir, read_visible, split_luma
+from pipeline.model.inference import (
+    Fuser,
+    available_cores,
+    pad_to_multiple,
+    set_threads,
+)
+from pipeline.model.network import SIZE_MULTIPLE, build_model
+from pipeline.model.weights import load_model
 
 SHARED = Path(os.environ.get("MDA_SHARED", ROOT.parent / "shared"))
 WEIGHTS = SHARED / "models" / "mda_official" / "fusion_model.pth"
@@ -167,6 +172,59 @@ def measure_memory(threads: int, sizes: list[tuple[int, int]]) -> dict[str, obje
     return {"sizes": rows, "fit_bytes_per_pixel": round(float(per_px), 1), "fit_fixed_bytes": round(float(fixed))}
 
 
+def measure_pair(name: str, plain: torch.nn.Module, fuser: Fuser, unfused: Fuser, ceiling: float,
+                 args: argparse.Namespace) -> tuple[dict[str, object], float]:
+    """Time the variants on one pair; returns its result row and the (possibly raised) ceiling."""
+    ir_u8, y_u8 = load_pair(name, args.synthetic)
+    ir = torch.from_numpy(ir_u8).float()[None, None] / 255
+    vi = torch.from_numpy(y_u8).float()[None, None] / 255
+    ir_p, vi_p = pad_to_multiple(ir), pad_to_multiple(vi)
+    h, w = ir.shape[-2:]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        plain(ir_p, vi_p)
+    gflop = counter.get_total_flops() / 1e9
+
+    def eager() -> torch.Tensor:
+        with torch.no_grad():
+            return plain(ir_p, vi_p)[..., :h, :w]
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "fuser": lambda: fuser.fuse_tensor(ir, vi),
+        "fuser_unfused": lambda: unfused.fuse_tensor(ir, vi),
+        "eager_fp32": eager,
+    }
+    t0 = time.perf_counter()
+    out = fuser.fuse_tensor(ir, vi)  # first call on this size
+    seconds = {"fuser_first_call": time.perf_counter() - t0}
+    ref = eager()
+    diffs = {"fuser_first_call": float((out - ref).abs().max())}
+    diffs.update({label: float((fn() - ref).abs().max()) for label, fn in variants.items()})  # warm-up
+    print(f"{name}: {(h, w)} padded {tuple(ir_p.shape[-2:])}, {gflop:.1f} GFLOP")
+    # Variants interleaved round by round and the ceiling re-measured each round, so that
+    # load from other processes hits all of them alike (best of rounds).
+    seconds.update({label: float("inf") for label in variants})
+    for _ in range(args.repeats):
+        for label, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            seconds[label] = min(seconds[label], time.perf_counter() - t0)
+        ceiling = max(ceiling, matmul_ceiling(repeats=2))
+    row: dict[str, object] = {"size_hw": [h, w], "padded_hw": list(ir_p.shape[-2:]), "gflop": round(gflop, 2)}
+    for label in ("fuser", "fuser_first_call", "fuser_unfused", "eager_fp32"):
+        sec = seconds[label]
+        rate = gflop / sec
+        row[label] = {"ms": round(sec * 1e3, 1), "gflops_per_s": round(rate, 1),
+                      "ratio_to_ceiling": round(rate / ceiling, 3), "max_abs_diff_vs_eager": diffs[label]}
+        print(f"  {label:17s} {sec * 1e3:8.0f} ms  {rate:6.1f} GFLOP/s  {rate / ceiling:5.2f} of ceiling "
+              f"({rate / ceiling / TARGET_RATIO:4.2f}x the target)  max|diff| vs eager {diffs[label]:.1e}")
+    row["ceiling_gflops_per_s"] = round(ceiling, 1)
+    ratio = gflop / seconds["fuser"] / ceiling
+    row["meets_target"] = bool(ratio >= TARGET_RATIO and diffs["fuser"] <= MAX_ABS_DIFF)
+    if diffs["fuser"] > MAX_ABS_DIFF:
+        print(f"  WARNING: fuser differs from eager by {diffs['fuser']:.1e} > {MAX_ABS_DIFF}")
+    return row, ceiling
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -197,53 +255,7 @@ def main(argv: list[str] | None = None) -> int:
           f"target {TARGET_RATIO} of the ceiling, max|diff| <= {MAX_ABS_DIFF}")
     results: dict[str, object] = {}
     for name in [args.only] if args.only else PAIRS:
-        ir_u8, y_u8 = load_pair(name, args.synthetic)
-        ir = torch.from_numpy(ir_u8).float()[None, None] / 255
-        vi = torch.from_numpy(y_u8).float()[None, None] / 255
-        ir_p, vi_p = pad_to_multiple(ir), pad_to_multiple(vi)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            plain(ir_p, vi_p)
-        gflop = counter.get_total_flops() / 1e9
-
-        def eager() -> torch.Tensor:
-            with torch.no_grad():
-                return plain(ir_p, vi_p)[..., : ir.shape[-2], : ir.shape[-1]]
-
-        variants: dict[str, Callable[[], torch.Tensor]] = {
-            "fuser": lambda: fuser.fuse_tensor(ir, vi),
-            "fuser_unfused": lambda: unfused.fuse_tensor(ir, vi),
-            "eager_fp32": eager,
-        }
-        t0 = time.perf_counter()
-        out = fuser.fuse_tensor(ir, vi)  # first call on this size
-        seconds = {"fuser_first_call": time.perf_counter() - t0}
-        ref = eager()
-        diffs = {"fuser_first_call": float((out - ref).abs().max())}
-        diffs.update({label: float((fn() - ref).abs().max()) for label, fn in variants.items()})  # warm-up
-        print(f"{name}: {tuple(ir.shape[-2:])} padded {tuple(ir_p.shape[-2:])}, {gflop:.1f} GFLOP")
-        # Variants interleaved round by round and the ceiling re-measured each round, so that
-        # load from other processes hits all of them alike (best of rounds).
-        seconds.update({label: float("inf") for label in variants})
-        for _ in range(args.repeats):
-            for label, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                seconds[label] = min(seconds[label], time.perf_counter() - t0)
-            ceiling = max(ceiling, matmul_ceiling(repeats=2))
-        row: dict[str, object] = {"size_hw": list(ir.shape[-2:]), "padded_hw": list(ir_p.shape[-2:]),
-                                  "gflop": round(gflop, 2)}
-        for label in ("fuser", "fuser_first_call", "fuser_unfused", "eager_fp32"):
-            sec = seconds[label]
-            rate = gflop / sec
-            row[label] = {"ms": round(sec * 1e3, 1), "gflops_per_s": round(rate, 1),
-                          "ratio_to_ceiling": round(rate / ceiling, 3), "max_abs_diff_vs_eager": diffs[label]}
-            print(f"  {label:17s} {sec * 1e3:8.0f} ms  {rate:6.1f} GFLOP/s  {rate / ceiling:5.2f} of ceiling "
-                  f"({rate / ceiling / TARGET_RATIO:4.2f}x the target)  max|diff| vs eager {diffs[label]:.1e}")
-        row["ceiling_gflops_per_s"] = round(ceiling, 1)
-        row["meets_target"] = bool(row["fuser"]["ratio_to_ceiling"] >= TARGET_RATIO  # type: ignore[index]
-                                   and diffs["fuser"] <= MAX_ABS_DIFF)
-        if diffs["fuser"] > MAX_ABS_DIFF:
-            print(f"  WARNING: fuser differs from eager by {diffs['fuser']:.1e} > {MAX_ABS_DIFF}")
+        row, ceiling = measure_pair(name, plain, fuser, unfused, ceiling, args)
         results[name] = row
     info["load_average_after"] = list(os.getloadavg())
     report: dict[str, object] = {

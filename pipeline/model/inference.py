@@ -148,7 +148,7 @@ class Fuser:
 
     @classmethod
     def from_file(cls, path: str | Path, postprocess: str | None = None, device: str | None = None,
-                  **kwargs: Any) -> "Fuser":
+                  **kwargs: Any) -> Fuser:
         """The one way from a weights file to a fuser (CLI, evaluation, MLflow pyfunc).
 
         Loads with ``pipeline.model.weights.load_model``; ``postprocess`` defaults to the weights'
