@@ -225,33 +225,41 @@ def _add_conv_into(acc: Tensor, conv: nn.Module, x: Tensor) -> Tensor:
     return acc.add_(conv(x))
 
 
-def _concat_conv(mix: nn.Module, a: Tensor, b: Tensor) -> Tensor:
-    """``mix(torch.cat([a, b], dim=1))``, ``mix`` a 1x1 convolution (or a chain of one and a scalar PReLU / ReLU).
+def _concat_conv(mix: nn.Module, parts: Sequence[Tensor]) -> Tensor:
+    """``mix(torch.cat(parts, dim=1))``, ``mix`` a convolution or a ``ConvChain`` that starts with one.
 
     On the fused path the concatenation is never built: the convolution's weight is split by
-    input channels, ``conv_b(b)`` is added in place into ``conv_a(a)`` and the activation is
-    applied in place (one map fewer to allocate and copy). Anywhere else, or for other layers,
-    exactly ``mix(torch.cat([a, b], dim=1))``.
+    input channels and each part's convolution is added in place into the first one's (oneDNN
+    sum post-op); the layers after it then run fused (a lone scalar PReLU / ReLU in place). That
+    saves allocating and copying the concatenation (equal within float rounding: the sum over
+    input channels is accumulated in another order). Anywhere else, exactly
+    ``mix(torch.cat(parts, dim=1))``.
     """
-    if not _fusable(a):
-        return mix(torch.cat([a, b], dim=1))
+    if not _fusable(parts[0]):
+        return mix(torch.cat(list(parts), dim=1))
     layers = list(mix) if isinstance(mix, nn.Sequential) else [mix]
-    conv = layers[0]
-    post = _post_op(layers[1] if len(layers) == 2 else None) if len(layers) <= 2 else None
-    layout = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    if (post is None or post[0] not in ("none", "leaky_relu", "relu")
-            or not isinstance(conv, nn.Conv2d) or not _plain_conv(conv) or conv.kernel_size != (1, 1)
-            or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1
-            or not (a.is_contiguous(memory_format=layout) and b.is_contiguous(memory_format=layout))):
-        return mix(torch.cat([a, b], dim=1))
-    c = a.shape[1]
-    weight_a, weight_b = conv.weight[:, :c].contiguous(), conv.weight[:, c:].contiguous()
-    ops = torch.ops.mkldnn
-    out = ops._convolution_pointwise(a, weight_a, conv.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
-    ops._convolution_pointwise_.binary(out, b, weight_b, None, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
-    if post[0] == "leaky_relu":
+    conv, rest = layers[0], layers[1:]
+    layout = (torch.channels_last if parts[0].is_contiguous(memory_format=torch.channels_last)
+              else torch.contiguous_format)
+    if (not isinstance(conv, nn.Conv2d) or not _plain_conv(conv) or conv.groups != 1
+            or not all(p.is_contiguous(memory_format=layout) for p in parts)):
+        return mix(torch.cat(list(parts), dim=1))
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), 1)
+    ops, start = torch.ops.mkldnn, 0
+    out = torch.empty(0)
+    for i, part in enumerate(parts):
+        weight = conv.weight[:, start:start + part.shape[1]].contiguous(memory_format=layout)
+        start += part.shape[1]
+        if i == 0:
+            out = ops._convolution_pointwise(part, weight, conv.bias, *args, "none", [], "")
+        else:
+            ops._convolution_pointwise_.binary(out, part, weight, None, *args, "add", 1.0, None, [], None)
+    post = _post_op(rest[0]) if len(rest) == 1 else None
+    if post is not None and post[0] == "leaky_relu":
         return torch.nn.functional.leaky_relu_(out, post[1][0])
-    return out.relu_() if post[0] == "relu" else out
+    if post is not None and post[0] == "relu":
+        return out.relu_()
+    return _run_fused(rest, out)
 
 
 class ConvChain(nn.Sequential):
@@ -360,7 +368,7 @@ class SpatialAttention(nn.Module):
         """ir (N, C, h, w), vi (N, C, H, W) (H, W even) -> two (N, C, H, W) in (0, 1)."""
         if self.upsample is not None:
             ir = self.upsample(ir)
-        f = self.down(_concat_conv(self.mix, ir, vi))
+        f = self.down(_concat_conv(self.mix, [ir, vi]))  # = mix(cat([ir, vi]))
         return self.map_ir(f), self.map_vi(f)
 
 
@@ -426,7 +434,7 @@ class ConcatFusion(nn.Module):
     def forward(self, ir: Tensor, vi: Tensor) -> Tensor:
         """ir (N, C, h, w), vi (N, C, H, W) -> fused (N, C, H, W)."""
         ir_up = self.upsample(ir) if self.upsample is not None else ir
-        return _concat_conv(self.mix, ir_up, vi)
+        return _concat_conv(self.mix, [ir_up, vi])  # = mix(cat([ir_up, vi]))
 
 
 #: ``model.args.fusion`` -> the fusion-block kind (``attention`` is the paper's).
@@ -509,6 +517,25 @@ class MDANet(nn.Module):
             return self.enc1(x0), self.enc2(x0)
         return self.enc1(x0), self.enc2(x0), self.enc4(x0)
 
+    def encode_pair(self, ir: Tensor, vi: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Encoder features of both modalities: ``([ir1, ir2, ir4], [vi1, vi2, vi4])`` (``encode``).
+
+        One batch of 2B (the shared weights run once); on the fused inference path one modality
+        after the other instead, which halves the encoder's working memory at the same cost.
+        """
+        if _fusable(ir):
+            return list(self.encode(ir)), list(self.encode(vi))
+        b = ir.shape[0]
+        enc = self.encode(torch.cat([ir, vi], dim=0))
+        return [e[:b] for e in enc], [e[b:] for e in enc]
+
+    def decode2_pair(self, f22: Tensor, f24: Tensor) -> tuple[Tensor, Tensor]:
+        """``dec2`` of F22 and F24 (shared weights): one batched call, one call each on the fused path."""
+        if _fusable(f22):
+            return self.dec2(f22), self.dec2(f24)
+        u2 = self.dec2(torch.cat([f22, f24], dim=0))
+        return u2[: f22.shape[0]], u2[f22.shape[0]:]
+
     def forward(
         self, ir: Tensor, vi: Tensor, return_features: bool = False
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
@@ -540,28 +567,26 @@ class MDANet(nn.Module):
                 f"MDA needs H and W multiples of {SIZE_MULTIPLE}, got {h}x{w} "
                 "(pipeline.model.inference.Fuser pads any size)"
             )
-        b = ir.shape[0]
-        enc = self.encode(torch.cat([ir, vi], dim=0))
-        irs, vis = [e[:b] for e in enc], [e[b:] for e in enc]
-        f11 = self.fuse_same(irs[0], vis[0])
+        irs, vis = self.encode_pair(ir, vi)
+        features = {"ir": list(irs), "vi": list(vis)} if return_features else {}
+        # the full-resolution features go as soon as they are used (inference memory)
+        ir1, vi1 = irs.pop(0), vis.pop(0)
+        f11 = self.fuse_same(ir1, vi1)
+        del ir1
         if self.scales == 1:
-            fusion = [f11]
-            cat = [f11]
-        elif self.scales == 2:
-            f12 = self.fuse_cross(irs[1], vis[0])
-            f22 = self.fuse_same(irs[1], vis[1])
-            fusion = [f11, f12, f22]
-            cat = [f11, f12, self.dec2(f22)]
+            fusion = cat = [f11]
         else:
-            f12 = self.fuse_cross(irs[1], vis[0])
-            f22 = self.fuse_same(irs[1], vis[1])
-            f24 = self.fuse_cross(irs[2], vis[1])
-            f44 = self.fuse_same(irs[2], vis[2])
-            u2 = self.dec2(torch.cat([f22, f24], dim=0))  # shared weights: one batched call
-            fusion = [f11, f12, f22, f24, f44]
-            cat = [f11, f12, u2[:b], u2[b:], self.dec4(f44)]
-        fused = self.head(torch.cat(cat, dim=1) if len(cat) > 1 else cat[0]) / 2 + 0.5
+            f12 = self.fuse_cross(irs[0], vi1)
+            del vi1
+            f22 = self.fuse_same(irs[0], vis[0])
+            if self.scales == 2:
+                fusion, cat = [f11, f12, f22], [f11, f12, self.dec2(f22)]
+            else:
+                f24 = self.fuse_cross(irs[1], vis[0])
+                f44 = self.fuse_same(irs[1], vis[1])
+                fusion = [f11, f12, f22, f24, f44]
+                cat = [f11, f12, *self.decode2_pair(f22, f24), self.dec4(f44)]
+        fused = (_concat_conv(self.head, cat) if len(cat) > 1 else self.head(cat[0])) / 2 + 0.5
         if not return_features:
             return fused
-        feats = {"ir": irs, "vi": vis, "fusion": fusion}
-        return fused, feats
+        return fused, {**features, "fusion": fusion}

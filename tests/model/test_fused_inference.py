@@ -71,10 +71,11 @@ def test_fused_path_runs_fused_kernels_and_no_separate_activations(channels_last
     # every PReLU / ReLU / Sigmoid / Tanh runs inside a convolution; residual sums too
     assert not {"prelu", "_prelu_kernel", "relu", "sigmoid", "tanh"} & set(counts), counts
     assert counts["_convolution_pointwise"] > 0 and counts["_convolution_transpose_pointwise"] > 0
-    # in-place "conv + skip" in each residual block (enc1, enc2, 2x enc4, dec2, 2x dec4) and
-    # "conv_ir + conv_vi" in each of the 5 spatial attentions instead of a concatenation
-    assert counts["_convolution_pointwise_"] == 7 + 5
-    assert counts["cat"] == 3  # the IR/VIS batch, dec2's batch of F22/F24, the head's 104 channels
+    # in-place "conv + skip" in each residual block (4 encoder blocks per modality, dec2 on F22
+    # and on F24, 2 in dec4), "conv_ir + conv_vi" in each of the 5 spatial attentions and 4 adds
+    # over the head's 5 inputs: no concatenation is ever built
+    assert counts["_convolution_pointwise_"] == 2 * 4 + 2 + 2 + 5 + 4
+    assert counts["cat"] == 0
 
 
 def test_unfused_fuser_and_plain_eager_never_take_the_fused_path():
