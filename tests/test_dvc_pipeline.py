@@ -254,3 +254,23 @@ def test_dvc_plots_diff_of_two_experiments_shows_both(demo_repo):
         shot = tab.screenshot(artifact_dir() / "dvc-plots-diff.png")
     assert len(images) == len(srcs) and all(i["ok"] and i["w"] > 0 for i in images), images
     print(f"\nscreenshot: {shot}")
+
+
+@pytest.mark.slow
+def test_ablation_grid_smoke_through_the_dvc_queue(demo_repo):
+    """``mda ablations run --smoke`` for one variant: ``dvc exp run --queue`` with the switch,
+    ``dvc queue start``, wait, then the table from ``dvc exp show --json``. The long grid itself is a
+    documented command (README "Ablations"); this proves its machinery on the demo data."""
+    repo, env, _ = demo_repo
+    mda = str(Path(sys.executable).parent / "mda")
+    out = _run([mda, "ablations", "run", "--smoke", "--variants", "add", "--tag", "t", "--allow-dirty",
+                "--md", "abl.md", "--png", "abl.png"], repo, env, timeout=900)
+    assert "dvc queue start -j 1" in out and "-S model.args.fusion=add" in out
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env))
+    exps = {r.get("name"): r for base in shown for e in base.get("experiments") or [] for r in e.get("revs") or []}
+    params = exps["abl-add-t"]["data"]["params"]["params.yaml"]["data"]
+    assert params["model"]["args"]["fusion"] == "add" and params["train"]["max_train_patches"] == 16
+    md = (repo / "abl.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| add |"))
+    assert "`abl-add-t`" in row and "405,158" in row  # the add network's parameter count
+    assert "SMOKE RUN" in md and (repo / "abl.png").stat().st_size > 10_000
