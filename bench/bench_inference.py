@@ -24,7 +24,9 @@ The process runs as ``mda fuse`` does: ``THP_MEM_ALLOC_ENABLE=1`` (large tensors
 huge pages) and one thread per available core unless ``--threads``.
 
 Usage: ``python bench/bench_inference.py [--repeats 3] [--threads N] [--only NAME] [--synthetic]
-[--no-memory]`` (``--synthetic``: random images of the same sizes; the authors' weights are used
+[--no-memory] [--profile]`` (``--profile``: also the share of operator time per category: convolutions,
+transposed convolutions, activations, attention products and residual sums, concatenations and
+copies, pooling, padding; one profiled call of ``fuser`` and of ``fuser_unfused`` per pair) (``--synthetic``: random images of the same sizes; the authors' weights are used
 when present, else a seeded random initialisation: speed and memory do not depend on them).
 """
 
@@ -119,6 +121,38 @@ def load_network() -> tuple[torch.nn.Module, str]:
         return load_model(WEIGHTS)[0].eval(), str(WEIGHTS)
     torch.manual_seed(0)
     return build_model("mda").eval(), "random init (seed 0)"
+
+
+#: torch.profiler operator name -> category of the time breakdown (``--profile``); anything else is "other".
+OP_CATEGORIES = {
+    "aten::mkldnn_convolution": "convolution", "mkldnn::_convolution_pointwise": "convolution",
+    "mkldnn::_convolution_pointwise_": "convolution", "aten::_slow_conv2d_forward": "convolution",
+    # the oneDNN transposed convolution runs inside aten::_convolution (self time) on the unfused path
+    "aten::_convolution": "transposed convolution (up-sampling)",
+    "mkldnn::_convolution_transpose_pointwise": "transposed convolution (up-sampling)",
+    "aten::_prelu_kernel": "activations", "aten::prelu": "activations", "aten::sigmoid": "activations",
+    "aten::relu": "activations", "aten::clamp_min": "activations", "aten::tanh": "activations",
+    "aten::leaky_relu_": "activations", "aten::relu_": "activations",
+    "aten::mul": "attention products and residual sums", "aten::mul_": "attention products and residual sums",
+    "aten::add": "attention products and residual sums", "aten::add_": "attention products and residual sums",
+    "aten::div": "attention products and residual sums",
+    "aten::cat": "concatenation and copies", "aten::copy_": "concatenation and copies",
+    "aten::adaptive_avg_pool2d": "pooling", "aten::mean": "pooling", "aten::sum": "pooling",
+    "aten::reflection_pad2d": "padding", "aten::replication_pad2d": "padding",
+}
+
+
+def profile_breakdown(fn: Callable[[], object]) -> dict[str, float]:
+    """Seconds of operator self time per category (``OP_CATEGORIES``) of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    out: dict[str, float] = {}
+    for event in prof.key_averages():
+        category = OP_CATEGORIES.get(event.key, "other")
+        out[category] = out.get(category, 0.0) + event.self_cpu_time_total / 1e6
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def machine_info() -> dict[str, object]:
@@ -220,6 +254,14 @@ def measure_pair(name: str, plain: torch.nn.Module, fuser: Fuser, unfused: Fuser
     row["ceiling_gflops_per_s"] = round(ceiling, 1)
     ratio = gflop / seconds["fuser"] / ceiling
     row["meets_target"] = bool(ratio >= TARGET_RATIO and diffs["fuser"] <= MAX_ABS_DIFF)
+    if args.profile:
+        row["profile_seconds"] = {}
+        for label in ("fuser", "fuser_unfused"):
+            parts = profile_breakdown(variants[label])
+            row["profile_seconds"][label] = {k: round(v, 4) for k, v in parts.items()}  # type: ignore[index]
+            total = sum(parts.values())
+            print(f"  profile {label} ({total * 1e3:.0f} ms of operator time): "
+                  + ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items() if v / total >= 0.005))
     if diffs["fuser"] > MAX_ABS_DIFF:
         print(f"  WARNING: fuser differs from eager by {diffs['fuser']:.1e} > {MAX_ABS_DIFF}")
     return row, ceiling
@@ -232,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", action="store_true", help="random images instead of ../shared")
     parser.add_argument("--only", choices=sorted(PAIRS), help="one pair only")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the time goes (torch.profiler, operator categories)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "inference.json")
     args = parser.parse_args(argv)
