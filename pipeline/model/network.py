@@ -22,9 +22,12 @@ Each attention map is computed once per fusion point (the authors' code evaluate
 
 Inference on the CPU (``fused_inference()``, used by ``pipeline.model.inference.Fuser``): the
 convolution chains (``ConvChain``, an ``nn.Sequential`` with the same children and state-dict keys)
-run each convolution fused with the activation after it, and each residual block adds its body's
-last convolution into the skip branch inside that convolution (oneDNN post-ops). Only without
-autograd, on float32 CPU tensors; training and every other caller run module by module.
+run each convolution fused with the activation after it, each residual block adds its body's last
+convolution into the skip branch inside that convolution (oneDNN post-ops), convolutions of
+concatenations (spatial-attention mix, head) sum per-part convolutions instead of building the
+concatenation, the encoder runs one modality at a time and full-resolution features are released
+once fused (less memory). Only without autograd, on float32 CPU tensors; training and every other
+caller run module by module, batched as above.
 
 Ablation switches (``model.args``; the defaults are the full model above, whose state dict and
 forward pass they leave unchanged):
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -142,9 +146,11 @@ def _up3(cin: int, cout: int) -> nn.ConvTranspose2d:
 # activation after it run as one oneDNN primitive (``torch.ops.mkldnn._convolution_pointwise``,
 # the kernels inductor uses), and the last convolution of a residual block adds its result into
 # the skip branch in place (oneDNN "sum" post-op). The activation and the sum are applied to the
-# convolution's output while it is still in cache, instead of in separate passes over memory;
-# results are bitwise equal to the module-by-module path on the shapes the tests cover (PReLU with
-# one weight is leaky ReLU with that slope). Training (autograd on) never takes this path.
+# convolution's output while it is still in cache, instead of in separate passes over memory, and
+# fewer feature maps are allocated (each new one costs page faults). A convolution of a
+# concatenation sums per-part convolutions instead (``_concat_conv``). PReLU with one weight is
+# leaky ReLU with that slope, so only the re-ordered channel sums differ from the module-by-module
+# path, within float rounding. Training (autograd on) never takes this path.
 
 _FUSED_INFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("mda_fused_inference", default=False)
 
@@ -245,15 +251,14 @@ def _concat_conv(mix: nn.Module, parts: Sequence[Tensor]) -> Tensor:
             or not all(p.is_contiguous(memory_format=layout) for p in parts)):
         return mix(torch.cat(list(parts), dim=1))
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), 1)
-    ops, start = torch.ops.mkldnn, 0
-    out = torch.empty(0)
-    for i, part in enumerate(parts):
-        weight = conv.weight[:, start:start + part.shape[1]].contiguous(memory_format=layout)
-        start += part.shape[1]
-        if i == 0:
-            out = ops._convolution_pointwise(part, weight, conv.bias, *args, "none", [], "")
-        else:
-            ops._convolution_pointwise_.binary(out, part, weight, None, *args, "add", 1.0, None, [], None)
+    bounds = [0]
+    for part in parts:
+        bounds.append(bounds[-1] + part.shape[1])
+    weights = [conv.weight[:, a:b].contiguous(memory_format=layout) for a, b in itertools.pairwise(bounds)]
+    ops = torch.ops.mkldnn
+    out = ops._convolution_pointwise(parts[0], weights[0], conv.bias, *args, "none", [], "")
+    for part, weight in zip(parts[1:], weights[1:]):
+        ops._convolution_pointwise_.binary(out, part, weight, None, *args, "add", 1.0, None, [], None)
     post = _post_op(rest[0]) if len(rest) == 1 else None
     if post is not None and post[0] == "leaky_relu":
         return torch.nn.functional.leaky_relu_(out, post[1][0])
