@@ -9,14 +9,16 @@ uses here):
 - the time of each part of ``pipeline.train.step.train_step`` (``StepClock``): data decode (the
   worker's ``PatchCollate`` on Parquet rows), model forward, loss, backward, gradient clip,
   optimiser; median over the measured steps;
-- the ceiling: a 2048x2048 fp32 matmul (best of 5) in the same run, same threads;
+- the ceiling: a 2048x2048 fp32 matmul (best of 5) in the same run, same threads; and, as a
+  second reference, a large 3x3 convolution (oneDNN, channels-last): on AMD CPUs MKL's sgemm
+  reaches about half of what oneDNN's convolutions do, so a step can exceed the matmul "ceiling";
 - achieved GFLOP/s = step FLOPs / (forward + loss + backward time), and over the whole step, as a
   fraction of the ceiling.
 
 Two losses: ``params`` (the ``loss:`` section of params.yaml as it is) and ``full`` (every term on:
 patch level, the VGG style term, the feature term). The training step of the stage (``pipeline.train.
 step``) is measured as it runs; ``--compare`` also times the step without its CPU speed-ups
-(``--baseline``: contiguous NCHW and the for-loop AdamW) interleaved with it and checks that the
+(the contiguous NCHW model and the for-loop AdamW, as before) interleaved with it and checks that the
 loss values agree. Prints a table with ratios and writes ``bench/results/step.json``.
 
 Usage: ``python bench/bench_step.py [--steps 6] [--warmup 2] [--threads 1] [--compare]``
@@ -59,6 +61,24 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5, dtype: Any = None, device: s
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def conv_ceiling(channels: int = 256, size: int = 64, batch: int = 8, repeats: int = 5) -> float:
+    """GFLOP/s of the best of ``repeats`` large 3x3 convolutions (fp32, channels-last, no bias):
+    the rate oneDNN's convolution kernels reach here, the kind of kernel a training step runs
+    (on AMD CPUs MKL's sgemm, behind the matmul ceiling, reaches much less)."""
+    import torch
+
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
+    best = float("inf")
+    with torch.no_grad():
+        conv(x)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - t)
+    return 2 * batch * size * size * channels * channels * 9 / best / 1e9
 
 
 def rows(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -120,6 +140,7 @@ def measure(size: int, loss_cfg: dict, params: dict, steps: int, warmup: int, ba
                                 weight_decay=s.weight_decay, foreach=False)
     else:
         model = prepare_for_training(model, device)
+        loss_fn = prepare_for_training(loss_fn, device)
         opt = build_optimizer(model, s)
     data = [rows(s.batch_size, size, seed=i) for i in range(steps + warmup)]
     flops = step_flops(model, loss_fn, collate(data[0]))
@@ -161,7 +182,9 @@ def main() -> int:
     full_loss = {k: ({**v, **FULL_LOSS[k]} if k in FULL_LOSS else v) for k, v in base_loss.items()}
     load_before = os.getloadavg()
     ceiling = matmul_ceiling()
-    print(f"fp32 matmul ceiling (2048x2048, {args.threads} thread(s)): {ceiling:.1f} GFLOP/s", flush=True)
+    conv_peak = conv_ceiling()
+    print(f"fp32 matmul ceiling (2048x2048, {args.threads} thread(s)): {ceiling:.1f} GFLOP/s; "
+          f"fp32 3x3 convolution (256 channels, oneDNN): {conv_peak:.1f} GFLOP/s", flush=True)
     results: dict[str, Any] = {}
     for size in args.sizes:
         for loss_name, cfg in (("params", base_loss), ("full", full_loss)):
@@ -177,17 +200,20 @@ def main() -> int:
             r = runs["stage"]
             r["fraction_of_ceiling"] = r["gflops_fwd_loss_bwd"] / ceiling
             r["fraction_of_ceiling_whole_step"] = r["gflops_whole_step"] / ceiling
+            r["fraction_of_conv_ceiling"] = r["gflops_fwd_loss_bwd"] / conv_peak
             results[key] = runs
             parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["parts_s"].items())
             print(f"{key:22s}: {r['gflop']:7.1f} GFLOP/step, {r['gflops_fwd_loss_bwd']:6.1f} GFLOP/s "
-                  f"= {r['fraction_of_ceiling']:.2f} of the ceiling (whole step {r['fraction_of_ceiling_whole_step']:.2f}), "
+                  f"= {r['fraction_of_ceiling']:.2f} of the matmul ceiling (whole step {r['fraction_of_ceiling_whole_step']:.2f}), "
+                  f"{r['fraction_of_conv_ceiling']:.2f} of the conv ceiling, "
                   f"{r['patches_per_s']:.2f} patches/s; ms: {parts}", flush=True)
             if args.compare:
                 b = runs["baseline"]
                 print(f"{'':22s}  without the speed-ups: {b['gflops_fwd_loss_bwd']:6.1f} GFLOP/s, step "
                       f"{b['parts_s']['step'] * 1e3:.1f} ms -> speed-up {b['parts_s']['step'] / r['parts_s']['step']:.3f}x; "
                       f"loss values max rel. diff {runs['loss_max_rel_diff_vs_baseline']:.1e}", flush=True)
-    report = {"ceiling_gflops_fp32_2048": ceiling, "threads": args.threads, "results": results,
+    report = {"ceiling_gflops_fp32_2048": ceiling, "conv_ceiling_gflops_fp32": conv_peak, "threads": args.threads,
+              "results": results,
               "machine": {"description": describe_machine(), "torch": torch.__version__,
                           "python": platform.python_version(), "loadavg_before": load_before,
                           "loadavg_after": os.getloadavg()}}

@@ -130,7 +130,7 @@ def plain(cfg: dict) -> dict:
     table = table.filter(pc.equal(table["split"], "train")).select(list(patch_columns(s.sample_weights)))
     torch.manual_seed(s.seed)
     model = prepare_for_training(build_model(cfg["model_name"], **cfg["model_args"]), torch.device("cpu"))
-    loss_fn = FusionLoss.from_params(cfg["loss"])
+    loss_fn = prepare_for_training(FusionLoss.from_params(cfg["loss"]), torch.device("cpu"))
     opt = build_optimizer(model, s)
     sched = build_scheduler(opt, s, cfg["warmup"] + cfg["steps"])
     b, total = s.batch_size, cfg["warmup"] + cfg["steps"]

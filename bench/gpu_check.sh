@@ -63,7 +63,7 @@ print(f"bf16 matmul ceiling (8192x8192, {torch.cuda.get_device_name(0)}): {ceili
 rows_needed = (args.warmup + args.steps) * args.batch_size * args.workers
 patches = synthetic_patches(Path(tempfile.mkdtemp(prefix="gpu_check_")), n=max(512, rows_needed))
 model = prepare_for_training(build_model(name, **margs), device)
-loss_fn = FusionLoss.from_params(loss_section(params)).to(device)
+loss_fn = prepare_for_training(FusionLoss.from_params(loss_section(params)), device)
 batch = PatchCollate(device)(rows(args.batch_size, 64))
 with torch.autocast("cuda", dtype=torch.bfloat16):
     flops = step_flops(model, loss_fn, batch)

@@ -78,13 +78,12 @@ class _NoClock(StepClock):
 NO_CLOCK = _NoClock()
 
 
-def prepare_for_training(model: torch.nn.Module, device: Any) -> torch.nn.Module:
-    """The network on ``device`` in channels-last (NHWC) memory layout, which its convolutions run
-    faster in (oneDNN on CPU, cuDNN tensor cores on GPU; ``bench/bench_step.py --compare``
-    measures it). The maths is unchanged: the inputs (one channel) need no conversion, and the
-    weights keep their values and state-dict layout (``state_dict`` tensors are the same numbers,
-    saved as they are)."""
-    return model.to(device=device, memory_format=torch.channels_last)
+def prepare_for_training(module: torch.nn.Module, device: Any) -> torch.nn.Module:
+    """``module`` (the network, or the loss with its VGG) on ``device`` in channels-last (NHWC)
+    memory layout, which convolutions run faster in (oneDNN on CPU, cuDNN tensor cores on GPU;
+    ``bench/bench_step.py --compare`` measures it). The maths is unchanged: the inputs (one
+    channel) need no conversion, and the weights keep their values and state-dict keys."""
+    return module.to(device=device, memory_format=torch.channels_last)
 
 
 def build_optimizer(model: Any, settings: TrainSettings) -> torch.optim.Optimizer:

@@ -210,7 +210,7 @@ def prepare_job(config: dict[str, Any], s: TrainSettings) -> Job:
     np.random.seed(s.seed)
     device = ray.train.torch.get_device()
     model = build_model(config["model_name"], **config["model_args"])
-    loss_fn = FusionLoss.from_params(config["loss"]).to(device)
+    loss_fn = prepare_for_training(FusionLoss.from_params(config["loss"]), device)  # its VGG channels-last too
     checkpoint = ray.train.get_checkpoint()
     state = _restore(checkpoint, model, s) if checkpoint is not None else None
     if checkpoint is None and config.get("init_weights"):  # fine-tune (train.init_weights); a resume wins

@@ -187,12 +187,16 @@ def test_step_clock_times_every_phase_of_a_step(tmp_path):
 
 
 def test_channels_last_and_fused_adamw_keep_the_maths(tmp_path):
-    """The stage's speed-ups (prepare_for_training, the fused AdamW of build_optimizer) give the
-    losses, gradients and updated weights of the plain NCHW model with the for-loop AdamW."""
+    """The stage's speed-ups (prepare_for_training of the model and the loss, the fused AdamW of
+    build_optimizer) give the losses, gradients and updated weights of the plain NCHW model and
+    loss with the for-loop AdamW."""
     from pipeline.train.step import prepare_for_training
 
     params = tiny_params(tmp_path)
-    loss_fn = tiny_loss(params)
+    for term in ("patch", "style", "feature"):  # every term, the VGG of the style term too
+        params["loss"][term] = {**params["loss"][term], "enabled": True}
+    loss_fn, fast_loss = tiny_loss(params), prepare_for_training(tiny_loss(params), "cpu")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast_loss.parameters() if p.dim() == 4)
     raw, _, _ = patch_batch(n=4, s=16)
     batch = {k: torch.from_numpy(v) for k, v in decode_patches(raw).items()}
     s = TrainSettings(lr=1e-2, warmup_steps=0)
@@ -205,7 +209,7 @@ def test_channels_last_and_fused_adamw_keep_the_maths(tmp_path):
     assert fast_opt.param_groups[0]["fused"] is True
     for _ in range(3):
         a = train_step(plain_model, batch, loss_fn, plain_opt, grad_clip=1.0)
-        b = train_step(fast_model, batch, loss_fn, fast_opt, grad_clip=1.0)
+        b = train_step(fast_model, batch, fast_loss, fast_opt, grad_clip=1.0)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     for p, q in zip(plain_model.parameters(), fast_model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)  # float noise: Adam steps of up to lr = 1e-2
