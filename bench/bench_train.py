@@ -32,10 +32,12 @@ Usage: ``python bench/bench_train.py [--patches data/stats/patches] [--steps 12]
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
 import os
 import platform
+import pstats
 import socket
 import sys
 import tempfile
@@ -191,8 +193,13 @@ def _bench_loop(config: dict) -> None:
     t_imported = time.time()
     s = TrainSettings(**config["settings"])
     shard = ray.train.get_dataset_shard("train")  # in the order of train_loop_per_worker
-    job = prepare_job(config, s)
+    t_shard = time.time()
+    with cProfile.Profile() as prof:  # where prepare_job's time goes (the largest part of our start-up)
+        job = prepare_job(config, s)
     t_job = time.time()
+    stats = pstats.Stats(prof)
+    top = sorted(((v[3], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in stats.stats.items()), reverse=True)
+    prepare_profile = {name: round(cum, 3) for cum, name in top[:25] if cum > 0.05}
     job.clock = StepClock()
     cpu_proc, cpu_thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
     threads_before = _thread_cpu()
@@ -218,7 +225,8 @@ def _bench_loop(config: dict) -> None:
                rank=job.rank, world=job.world, n_params=n_params, allreduce_s=allreduce_s,
                other_threads_cpu_s_per_step=max(0.0, cpu_proc - cpu_thread) / n, epoch_wall_s=wall,
                cpu_s_per_step_by_thread=threads,
-               timeline={"entered": t_enter, "imported": t_imported, "job_ready": t_job,
+               prepare_job_profile_cum_s=prepare_profile,
+               timeline={"entered": t_enter, "imported": t_imported, "shard": t_shard, "job_ready": t_job,
                          "first_step": job.clock.first_mark_at}, window=window,
                torch_threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
     Path(config["bench"]["result_dir"], f"rank{job.rank}.json").write_text(json.dumps(out))
@@ -325,7 +333,8 @@ def ray_train(cfg: dict, params: dict, workers: int, **overrides: Any) -> dict:
     m["startup_timeline_s"] = {"dataset_materialize": t_fit - t_data,
                                "fit_to_worker_function": tl["entered"] - t_fit,
                                "worker_imports": tl["imported"] - tl["entered"],
-                               "prepare_job (model, DDP, optimiser, MLflow)": tl["job_ready"] - tl["imported"],
+                               "get_dataset_shard": tl["shard"] - tl["imported"],
+                               "prepare_job (model, DDP, optimiser, MLflow)": tl["job_ready"] - tl["shard"],
                                "first_batch": tl["first_step"] - tl["job_ready"]}
     window = m.pop("window")
     usage = sampler.usage(*window)
@@ -429,6 +438,8 @@ def main() -> int:
         if k in res:
             r = res[k]
             print(f"\n{k}: start-up {r['startup_s']:.1f} s = " + ", ".join(f"{p} {v:.1f}" for p, v in r["startup_timeline_s"].items()))
+            print(f"{k}: prepare_job profile (cumulative s): " +
+                  ", ".join(f"{p} {v:.2f}" for p, v in list(r["prepare_job_profile_cum_s"].items())[:10]))
             print(f"{k}: Ray processes started (s after fit()): " +
                   ", ".join(f"{p} {v:.1f}" for p, v in r["ray_processes_started_after_fit_s"].items()))
             print(f"{k}: CPU s per step outside the training thread: worker's other threads "

@@ -66,6 +66,16 @@ def project(compute_s: float, batch: int, nbytes: float, workers: list[int]) -> 
     return out
 
 
+def _two_worker_gap(ray1: dict[str, Any], ray2: dict[str, Any], nbytes: float, batch: int) -> dict[str, float]:
+    """What the model misses at 2 workers on this 2-core host, from bench_train's breakdown."""
+    b1, b2 = ray1["breakdown"]["step"], ray2["breakdown"]["step"]
+    background = sum(v for k, v in ray2.get("cpu_s_per_step_by_process", {}).items() if "RayTrainWorker" not in k)
+    ar = ray2.get("allreduce_s") or ring_allreduce_s(2, nbytes, 1.0, 50.0)
+    return {"model_patches_per_s": 2 * batch / (ray1["step_s_median"] + ar),
+            "corun_cpu_ms": (b2["cpu_s"] - b1["cpu_s"]) * 1e3, "wait_ms": (b2["wall_s"] - b2["cpu_s"]) * 1e3,
+            "background_cpu_ms": background * 1e3}
+
+
 def _load(name: str) -> dict[str, Any] | None:
     path = RESULTS / name
     return json.loads(path.read_text()) if path.is_file() else None
@@ -119,6 +129,13 @@ def main() -> int:
 
     cpu_compute = ray1["step_s_median"]
     cpu_proj = project(cpu_compute, batch, nbytes, args.workers)
+    gap = _two_worker_gap(ray1, ray2, nbytes, batch)
+    print(f"  model at N=2 on this host: {gap['model_patches_per_s']:.2f} patches/s; measured {ray2['patches_per_s']:.2f} "
+          f"({ray2['patches_per_s'] / gap['model_patches_per_s']:.2f}): per step, the training thread's CPU "
+          f"+{gap['corun_cpu_ms']:.0f} ms (2 workers on 2 cores share caches and memory bandwidth), "
+          f"waiting {gap['wait_ms']:.0f} ms (all-reduce, and the CPU of Ray's other processes, "
+          f"{gap['background_cpu_ms']:.0f} ms per step, on the cores the workers use); "
+          "the projection assumes a core or GPU per worker")
     _table(f"projection, CPU workers like this one (compute {cpu_compute * 1e3:.0f} ms per step of {batch}), "
            "patches/s (scaling efficiency)", cpu_proj, args.workers)
 
@@ -142,6 +159,7 @@ def main() -> int:
     report = {"measured": {"ray1": {k: ray1[k] for k in ("patches_per_s", "step_s_median")},
                            "ray2": {k: ray2[k] for k in ("patches_per_s", "step_s_median")},
                            "allreduce_s_gloo_local": ar, "n_params": n_params, "allreduce_bytes": nbytes,
+                           "two_worker_gap": gap,
                            "gflop_per_patch": gflop_per_patch, "decode_s_per_patch": decode_s_per_patch},
               "links_gbs_latency_us": LINKS,
               "cpu": {"compute_s": cpu_compute, "batch": batch, "projection": cpu_proj},
