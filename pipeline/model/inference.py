@@ -24,6 +24,10 @@
   sets it): every feature map is fresh memory, and with 4 KiB pages the page faults cost about a
   third of the time. Measured in ``bench/bench_inference.py`` (2 cores, 2048x2048 fp32 matmul
   ceiling about 220 GFLOP/s): 1.4-1.7x the ceiling with huge pages, about 1.0x without.
+- Memory: on the fused path the encoder runs one modality at a time, no concatenation is built
+  and full-resolution features are released once fused: peak about 680 B per padded pixel +
+  150 MiB above the loaded model (``bench/bench_inference.py``; module by module, batched: about
+  1280 B per pixel + 150 MiB).
 """
 
 from __future__ import annotations
