@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.common.machine import use_huge_pages
+
+use_huge_pages()  # before torch is imported below: inference on 2 MB pages, here and in the local Ray's workers
 from pipeline.common.config import section
 from pipeline.common.mlflow_store import configure_mlflow
 from pipeline.common.stage import Arg, run_stage

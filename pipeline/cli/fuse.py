@@ -10,7 +10,8 @@ Folders: each pair is fused on its own. A pair that cannot be read, or that woul
 is skipped with one line naming it, and the others are still fused; the summary at the end lists
 what failed and the exit status is 1 if anything did. Memory: the peak of fusing one pair grows
 linearly with its pixel count (``FUSE_BYTES_PER_PIXEL``, measured on a 2-core CPU machine with the
-default network: 1431 bytes per pixel from 1024x1024 to 1536x1024, plus a fixed ~22 MB); a pair whose
+default network: 678 bytes per padded pixel on the fused CPU path, 1278 on the plain one, plus a fixed
+~150 MB; ``bench/bench_inference.py``); a pair whose
 estimate exceeds ``--max-memory`` (default: the memory available now, see
 ``pipeline.common.memory``) or whose pixels exceed ``--max-pixels`` is refused before it is fused.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 #: models/pretrained/mda_cpu.json; trained by `mda recipe`).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "pretrained" / "mda_cpu.pt"
 
-#: Peak memory of fusing one pair, per (padded) pixel: measured 1431 B/px with the default network
-#: (peak RSS of ``Fuser`` at 1024x1024 and 1536x1024 on 1 and 2 threads), rounded up.
+#: Peak memory of fusing one pair, per (padded) pixel: measured 678 B/px on the fused CPU path and
+#: 1278 B/px on the plain one (peak above the loaded model, 450x620 to 1280x960,
+#: ``bench/bench_inference.py``); 1500 covers both.
 FUSE_BYTES_PER_PIXEL = 1500
 #: Fixed part of that peak (input/output buffers, allocator slack) beyond the loaded model.
 FUSE_OVERHEAD_BYTES = 64 << 20
@@ -169,14 +170,12 @@ def _fuse_one(fuser: Any, ir_path: Path, vi_path: Path, out_path: Path,
 def run(args: argparse.Namespace) -> int:
     """Fuse the pair(s); returns 0 if every pair was fused, 1 otherwise."""
     _check_args(args)
+    from pipeline.common.machine import use_huge_pages
     from pipeline.common.memory import parse_size
 
     limits = (args.max_pixels, parse_size(args.max_memory) if args.max_memory is not None else None)
     _check_outputs_and_store(args)
-    # Large CPU tensors on 2 MB transparent huge pages: far fewer page faults for the ~80 MB
-    # feature maps (measured in bench/bench_inference.py). PyTorch reads this variable once, at
-    # its first allocation, so it only takes effect when torch has not been imported yet.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    use_huge_pages()  # before torch's first allocation (pipeline.common.machine)
     from tqdm import tqdm
 
     from pipeline.data.images import ImageError, find_pairs
