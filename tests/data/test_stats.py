@@ -182,8 +182,9 @@ def test_stats_outputs_do_not_depend_on_the_tasks_or_on_ray(tmp_path, ray_local,
     registered_from_dataset(data, reg, 9)
     crop_dataset(reg, tmp_path / "patches", CropConfig(patch_size=64, stride=64, pairs_per_shard=1))
     cfg = StatsConfig()
+    monkeypatch.setattr(ray_runtime, "TASKS_PER_CPU", 4)  # 8 tasks on 2 CPUs, one with 2 shards
     runs = {"ray": compute_stats(tmp_path / "patches", reg, tmp_path / "ray", cfg)}
-    monkeypatch.setattr(ray_runtime, "TASKS_PER_CPU", 1)
+    monkeypatch.setattr(ray_runtime, "TASKS_PER_CPU", 1)  # 2 tasks
     runs["ray2"] = compute_stats(tmp_path / "patches", reg, tmp_path / "ray2", cfg)
     runs["serial"] = compute_stats(tmp_path / "patches", reg, tmp_path / "serial", cfg, runner=ray_runtime.run_serially)
     files = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
