@@ -315,7 +315,8 @@ def save_checkpoint(
         args = json.loads(json.dumps(dict(model_args)))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"save_checkpoint: metadata must be JSON-serialisable: {exc}") from exc
-    state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+    # contiguous: a channels-last training model saves plain NCHW tensors (same values, portable files)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in _unwrap(model).state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "name": model_name,
                "args": args, "state_dict": state, "meta": meta}
     with atomic_writer(path, "wb") as fh:

@@ -193,6 +193,11 @@ def test_checkpoint_round_trip(tmp_path):
     # DDP-wrapped models are unwrapped on save: keys never carry "module."
     obj = torch.load(path, weights_only=True)
     assert not any(k.startswith("module.") for k in obj["state_dict"])
+    # a channels-last (training) model saves plain NCHW tensors with the same values
+    save_checkpoint(path, model.to(memory_format=torch.channels_last), "mda", args)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert all(t.is_contiguous() for t in saved.values())
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="JSON"):
         save_checkpoint(path, model, "mda", args, extra={"bad": object()})
 
