@@ -49,6 +49,7 @@ def test_task_count_scales_with_cpus_and_caps_items_per_task(monkeypatch):
     assert task_count(3, cpus=2) == 3  # never more tasks than items
     assert task_count(28, cpus=2) == 8 and task_count(28, cpus=1) == 4 and task_count(28, cpus=16) == 28
     assert task_count(1000, cpus=2) == 16  # at most 64 items per task
+    assert task_count(442, cpus=2) == 8 and task_count(442, cpus=3) == 12  # a multiple of the CPUs
 
 
 @pytest.mark.parametrize("n,k", [(28, 8), (5, 8), (442, 8), (1, 1), (9, 3)])
