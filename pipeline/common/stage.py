@@ -116,10 +116,18 @@ def run_stage(
         outputs = [Path(getattr(ns, a.dest)) for a in args if a.output and getattr(ns, a.dest) is not None]
         signal.signal(signal.SIGINT, _Interrupts(name, outputs).handle)
     try:
-        return _run_checked(name, run, args, ns, ray, mlflow, errors)
+        code = _run_checked(name, run, args, ns, ray, mlflow, errors)
     finally:
         if argv is None:  # its work is over: a late Ctrl-C must not change its exit status
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if argv is None and code == INTERRUPTED:
+        # interrupted work can leave threads of Ray/oneDNN mid-call, and the interpreter's teardown
+        # then crashed (SIGSEGV) after the clean "interrupted" line: skip it, the outputs are intact
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 class _Interrupts:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 import socket
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -103,7 +104,7 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
             t_fit = time.perf_counter()
             try:
                 with drop_lines(RAY_TRAIN_CONTROLLER_NOISE) as filters:  # Ray Train V2 noise, see log_filter
-                    result = trainer.fit()
+                    result = fit_keeping_ctrl_c(trainer)
             except TrainingFailedError as exc:
                 raise RuntimeError(f"training run {name} failed: {_root_cause(exc)}") from exc
             fit_s = time.perf_counter() - t_fit
@@ -115,6 +116,32 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
     summary = _export(result, settings, paths, client, run_id, name, uri, fit_s, t_start)
     client.set_terminated(run_id, status="FINISHED")
     return summary
+
+
+def fit_keeping_ctrl_c(trainer: TorchTrainer) -> Result:
+    """``trainer.fit()`` in a helper thread, the main thread waiting on it.
+
+    Called from the main thread, Ray Train V2's ``fit()`` replaces the SIGINT handler with its own,
+    which aborts the run and lets the process end with status 1 and no message. From another thread
+    it leaves the handler alone, so Ctrl-C stays the stage's (``KeyboardInterrupt`` in the main
+    thread, one line, exit 130; the Ray session's shutdown ends the run). Errors of ``fit()`` are
+    re-raised here unchanged.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _worker_config(params: Mapping[str, Any], settings: TrainSettings, paths: TrainPaths) -> dict[str, Any]:
