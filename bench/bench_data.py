@@ -430,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_after": [round(x, 2) for x in load],
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    from pipeline.common.atomic_io import write_json
+
+    write_json(args.out, report)
     print(f"load average before {load_before[0]:.1f}, after {load[0]:.1f} (other processes distort the figures when high)")
     print(f"written {args.out}")
     return 0

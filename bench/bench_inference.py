@@ -52,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.common.atomic_io import write_json
 from pipeline.common.machine import cpu_model
 from pipeline.data.images import read_ir, read_visible, split_luma
 from pipeline.model.inference import (
@@ -309,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "results": results}
     if not args.no_memory:
         report["memory"] = measure_memory(threads, MEMORY_SIZES)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

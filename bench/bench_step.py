@@ -27,7 +27,6 @@ Usage: ``python bench/bench_step.py [--steps 6] [--warmup 2] [--threads 1] [--co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -173,6 +172,7 @@ def main() -> int:
     import torch
 
     from pipeline.common.config import load_params
+    from pipeline.common.atomic_io import write_json
     from pipeline.common.machine import describe_machine
     from pipeline.train.losses import loss_section
 
@@ -217,9 +217,7 @@ def main() -> int:
               "machine": {"description": describe_machine(), "torch": torch.__version__,
                           "python": platform.python_version(), "loadavg_before": load_before,
                           "loadavg_after": os.getloadavg()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(args.out, report)
     print(f"wrote {out} (load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f})")
     return 0
 

@@ -165,9 +165,9 @@ def main() -> int:
               "cpu": {"compute_s": cpu_compute, "batch": batch, "projection": cpu_proj},
               "gpu": {"compute_s": gpu_compute, "batch": gpu_batch, "source": source, "projection": gpu_proj},
               "model": "step(N) = compute(B) + 2(N-1)/N * bytes/bandwidth + 2(N-1) * latency"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from pipeline.common.atomic_io import write_json
+
+    out = write_json(args.out, report)
     print(f"wrote {out}")
     return 0
 
