@@ -11,14 +11,18 @@ Input: the real pairs (RoadScene by default) go once through the register stage 
 ``k`` replicates them ``k`` times under new stems (``<stem>_r1`` ... symlinks, manifest rows copied),
 so 4x and 16x are the same images, 4 and 16 times as many pairs.
 
-Each (mode, scale, CPUs) runs in a fresh child process. Timed: the steady state. Reported apart,
+Each (mode, scale, CPUs) runs in a fresh child process: one run with memory sampling, then
+``--repeat`` runs (default 3) without it whose median wall time gives the throughput (single runs
+differed by up to 10% on the same quiet machine). Timed: the steady state. Reported apart,
 not counted: Ray start-up (``ray.init``) and a warm-up run on the first pairs, two crop shards per
 CPU (every Ray or pool worker process starts and imports its libraries; the loop pays its imports
 there too). Peak
-memory = the largest sum of PSS (shared pages split between processes, so the Ray object store is
+memory (the sampled run) = the largest sum of PSS (shared pages split between processes, so the Ray object store is
 not counted twice) over the child's process tree (driver + raylet + GCS + workers for Ray, the
-pool's processes), sampled every second during the timed work (``TreeMemory``: a sample costs
-CPU); beside it, the sum of each process's own peak RSS, an upper bound that sampling cannot miss. CPU time is split between the
+pool's processes), sampled every second during that run (``TreeMemory``: a sample costs CPU,
+which is why the throughput runs are not sampled), split into driver, workers and Ray's daemons;
+beside it, the sum of each process's own peak RSS over all the runs, an upper bound that sampling
+cannot miss. CPU time is split between the
 driver process, the worker processes and Ray's own daemons (raylet, GCS, agents), and each pass's
 wall time and in-task time are recorded: the breakdown of where Ray's time goes.
 
@@ -37,6 +41,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,20 +79,26 @@ class TreeMemory:
         self.root = psutil.Process(os.getpid())
         self.interval = interval
         self.peak = 0
+        self.at_peak: dict[str, int] = {}  # per kind (driver / workers / ray_daemons) in the peak sample
+        self.kind_peak: dict[str, int] = {}  # each kind's own largest sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> int:
         import psutil
 
-        total = 0
+        kinds = {"driver": 0, "workers": 0, "ray_daemons": 0}
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
                 info = proc.memory_full_info()
-                total += getattr(info, "pss", info.rss)
+                kinds[process_kind(proc, self.root.pid)] += getattr(info, "pss", info.rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        self.peak = max(self.peak, total)
+        total = sum(kinds.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, kinds
+        for kind, value in kinds.items():
+            self.kind_peak[kind] = max(self.kind_peak.get(kind, 0), value)
         return total
 
     def peak_rss(self) -> int:
@@ -119,6 +130,15 @@ class TreeMemory:
         self.sample()
 
 
+def process_kind(proc: Any, driver_pid: int) -> str:
+    """``driver`` (the benchmark's child process), ``ray_daemons`` (raylet, GCS, Ray's agents and
+    actors) or ``workers`` (Ray workers running tasks, pool processes)."""
+    if proc.pid == driver_pid:
+        return "driver"
+    cmd = " ".join(proc.cmdline())
+    return "ray_daemons" if any(d in cmd for d in DAEMONS) else "workers"
+
+
 def tree_cpu() -> dict[int, tuple[str, float]]:
     """``{pid: (kind, user + system CPU seconds)}`` of this process and its descendants.
 
@@ -131,13 +151,9 @@ def tree_cpu() -> dict[int, tuple[str, float]]:
     out = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
-            times = proc.cpu_times()
-            cmd = " ".join(proc.cmdline())
+            out[proc.pid] = (process_kind(proc, me.pid), sum(proc.cpu_times()[:2]))
         except psutil.Error:
             continue
-        kind = "driver" if proc.pid == me.pid else (
-            "ray_daemons" if any(d in cmd for d in DAEMONS) else "workers")
-        out[proc.pid] = (kind, times.user + times.system)
     return out
 
 
@@ -177,8 +193,10 @@ def replicate(registered: Path, dst: Path, scale: int, limit: int | None = None)
 
 
 def _pool_call(job: tuple[Callable[..., Any], Any, Mapping[str, Any]]) -> Any:
+    from pipeline.common.ray_runtime import call_group
+
     fn, group, kwargs = job
-    return fn(group, **kwargs)
+    return call_group(fn, group, kwargs)
 
 
 def pool_runner(pool: Any) -> Callable[..., list]:
@@ -260,7 +278,6 @@ def child(args: argparse.Namespace) -> int:
         runner = pool_runner(pool)
     else:
         runner = ray_runtime.run_serially
-    phases: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         out = Path(tmp)
         # Warm-up on the first pairs, timed apart: Ray's (or the pool's) worker processes start and
@@ -271,15 +288,30 @@ def child(args: argparse.Namespace) -> int:
         warm_pairs = crop_cfg.pairs_per_shard * WARMUP_SHARDS_PER_CPU * result["cpus"]
         run_stages(replicate(args.registered, warm / "reg", 1, warm_pairs), warm, crop_cfg, stats_cfg, runner)
         result["warmup_s"] = round(time.perf_counter() - t0, 2)
-        executions.records.clear()
-        with TreeMemory() as mem:
-            baseline = mem.sample()
+
+        def one_run(k: int) -> dict:
+            executions.records.clear()
+            phases: list[dict] = []
             cpu0 = tree_cpu()
             t0 = time.perf_counter()
-            work = run_stages(args.registered, out / "run", crop_cfg, stats_cfg, timed_runner(runner, phases))
+            work = run_stages(args.registered, out / f"run{k}", crop_cfg, stats_cfg, timed_runner(runner, phases))
             wall = time.perf_counter() - t0
             cpu = cpu_split(cpu0, tree_cpu())
-            peak_rss = mem.peak_rss()
+            shutil.rmtree(out / f"run{k}")
+            for phase, info in zip(phases, executions.records):  # Ray: what happened inside each execution
+                phase.update({key: info[key] for key in (
+                    "task_wall_s", "task_cpu_s", "to_first_task_s", "after_last_task_s", "driver_cpu_s")})
+                # CPU-seconds the execution left idle: its wall time on every CPU minus the time in tasks
+                phase["idle_cpu_s"] = round(cpus * phase["wall_s"] - info["task_wall_s"], 3)
+            return {"work": work, "wall_s": wall, "cpu_s": cpu, "phases": phases}
+
+        # run 0: memory, sampled (a sample costs CPU, more for Ray's many processes); runs 1..N:
+        # throughput, unsampled
+        with TreeMemory() as mem:
+            baseline = mem.sample()
+            sampled = one_run(0)
+        timed = [one_run(k) for k in range(1, args.repeat + 1)] or [sampled]
+        peak_rss = mem.peak_rss()  # kernel-recorded peaks: every run, sampled or not
         if pool is not None:
             pool.close()
             pool.join()
@@ -287,21 +319,23 @@ def child(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
-    for phase, info in zip(phases, executions.records):  # Ray: what happened inside each execution
-        phase.update({k: info[k] for k in ("task_wall_s", "task_cpu_s", "to_first_task_s", "after_last_task_s",
-                                           "driver_cpu_s")})
-        # CPU-seconds the execution left idle: its wall time on every CPU minus the time inside tasks
-        phase["idle_cpu_s"] = round(cpus * phase["wall_s"] - info["task_wall_s"], 3)
+    walls = [r["wall_s"] for r in timed]
+    median = sorted(timed, key=lambda r: r["wall_s"])[len(timed) // 2]
+    work = median["work"]
     result.update(work)
     result.update(
-        wall_s=round(wall, 2),
-        patches_per_s=round(work["patches"] / wall, 1),
+        wall_s=round(median["wall_s"], 2),
+        walls_s=[round(w, 2) for w in walls],
+        sampled_wall_s=round(sampled["wall_s"], 2),
+        patches_per_s=round(work["patches"] / median["wall_s"], 1),
         peak_mem_mib=round(mem.peak / 2**20, 1),
+        peak_mem_by_kind_mib={k: round(v / 2**20, 1) for k, v in mem.at_peak.items()},
+        kind_peak_mem_mib={k: round(v / 2**20, 1) for k, v in mem.kind_peak.items()},
         peak_rss_sum_mib=round(peak_rss / 2**20, 1),
         mem_at_start_mib=round(baseline / 2**20, 1),
-        cpu_s=cpu,
-        phases=phases,
-        serial_s=round(wall - sum(p["wall_s"] for p in phases), 3),
+        cpu_s=median["cpu_s"],
+        phases=median["phases"],
+        serial_s=round(median["wall_s"] - sum(p["wall_s"] for p in median["phases"]), 3),
     )
     print("RESULT " + json.dumps(result))
     return 0
@@ -317,7 +351,8 @@ def describe(run: dict) -> str:
     cpu = run["cpu_s"]
     return (f"{run['mode']:4s} {run['cpus']} CPU {run['scale']:2d}x ({run['pairs']:4d} pairs): {run['patches']} patches "
             f"in {run['wall_s']:.2f} s = {run['patches_per_s']:.0f} patches/s, peak memory {run['peak_mem_mib']:.0f} MiB"
-            f" (summed peak RSS {run['peak_rss_sum_mib']:.0f} MiB)"
+            f" (summed peak RSS {run['peak_rss_sum_mib']:.0f} MiB; at the peak: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in run["peak_mem_by_kind_mib"].items()) + ")"
             f" | start-up not counted: {start}\n      passes: {passes}, driver-only {run['serial_s']:.2f} s"
             f" | CPU s: driver {cpu['driver']:.2f}, workers {cpu['workers']:.2f}, Ray daemons {cpu['ray_daemons']:.2f}")
 
@@ -332,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="crop/stats sections used")
     parser.add_argument("--tasks-per-cpu", type=int, default=None,
                         help="override pipeline.common.ray_runtime.TASKS_PER_CPU (task granularity; every mode)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs per (mode, scale, CPUs) after the memory-sampled one; the median counts")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the runs of --out for other (mode, scale, CPUs), e.g. 16x measured apart")
@@ -364,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 jobs += [(mode, cpus) for mode in ("pool", "ray") if mode in args.modes and (mode == "ray" or cpus >= 2)]
             for mode, cpus in jobs:
                 cmd = [sys.executable, __file__, "--child", mode, "--registered", str(reg), "--count",
-                       str(pairs), "--scale", str(scale), "--num-cpus", str(cpus), "--params", str(args.params)]
+                       str(pairs), "--scale", str(scale), "--num-cpus", str(cpus), "--params", str(args.params),
+                       "--repeat", str(args.repeat)]
                 if args.tasks_per_cpu:
                     cmd += ["--tasks-per-cpu", str(args.tasks_per_cpu)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)

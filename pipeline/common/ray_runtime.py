@@ -26,6 +26,7 @@ from ray.data import DataContext
 from ray.exceptions import RayTaskError
 
 from pipeline.common.config import param
+from pipeline.common.machine import release_free_memory, use_system_allocator
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ _T = TypeVar("_T")
 #: stage's task groups run (``map_groups`` on Ray Data, ``run_serially`` in this process).
 Runner = Callable[[str, Callable[..., Any], Sequence[Any], Mapping[str, Any]], list]
 
-#: Ray Data tasks per CPU of the cluster for a stage's work items (see ``task_groups``). Measured on
-#: 2 cores (crop + stats, 221 RoadScene pairs, quiet machine): 2 per CPU 2.29 s, 4 per CPU 2.78 s,
-#: 8 per CPU 2.86 s: every task costs Ray Data CPU and a dispatch round trip during which its CPU
-#: idles, and round-robin groups are even enough not to need finer balancing.
-TASKS_PER_CPU = 2
+#: Ray Data tasks per CPU of the cluster for a stage's work items (see ``task_groups``), below
+#: ``MAX_ITEMS_PER_TASK`` items per task. Measured on 2 cores (crop + stats, 221 RoadScene pairs,
+#: quiet machine, 5 runs each, interleaved): 1 per CPU 2.37-2.49 s, 2 per CPU 2.44-2.62 s; earlier
+#: 4 per CPU 2.78 s, 8 per CPU 2.86 s. Every task costs Ray Data CPU and a dispatch round trip
+#: during which its CPU idles, and round-robin groups are even enough not to need finer balancing;
+#: a large input still gets more tasks per CPU through ``MAX_ITEMS_PER_TASK``.
+TASKS_PER_CPU = 1
 #: At most this many work items (shards) per task, so a huge input still makes many tasks.
 MAX_ITEMS_PER_TASK = 64
 
@@ -185,10 +188,21 @@ def task_groups(items: Sequence[_T], num_tasks: int) -> list[list[_T]]:
     return [g for g in groups if g]
 
 
+def call_group(fn: Callable[..., Any], group: Any, fn_kwargs: Mapping[str, Any] | None = None) -> Any:
+    """``fn(group, **fn_kwargs)`` as every runner calls it: pyarrow on the system allocator, and the
+    freed heap handed back after the group, so a process's memory does not grow with the number of
+    groups it has run (``pipeline.common.machine.use_system_allocator``)."""
+    use_system_allocator()
+    try:
+        return fn(group, **dict(fn_kwargs or {}))
+    finally:
+        release_free_memory()
+
+
 def _run_group(row: Mapping[str, Any], fn: Callable[..., Any], fn_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Ray Data ``map`` function of ``map_groups``: one group in, one pickled result out (+ timings)."""
     start, c0 = time.time(), time.thread_time()
-    result = fn(pickle.loads(row["group"]), **fn_kwargs)
+    result = call_group(fn, pickle.loads(row["group"]), fn_kwargs)
     return {"index": row["index"], "result": pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL),
             "start": start, "end": time.time(), "cpu_s": time.thread_time() - c0}
 
@@ -235,4 +249,4 @@ def run_serially(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kw
 
     The same work as ``map_groups`` (same functions, same groups), for benchmarks and tests.
     """
-    return [fn(g, **dict(fn_kwargs or {})) for g in groups]
+    return [call_group(fn, g, fn_kwargs) for g in groups]

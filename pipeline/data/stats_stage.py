@@ -3,9 +3,9 @@
 The maths (statistics, weights, scales) is in ``pipeline.data.stats``.
 
 The ``stats`` step (``compute_stats``) is two Ray Data executions
-(``pipeline.common.ray_runtime.map_groups``), each a few tasks per CPU over groups of patch shards
-(``task_groups``: shards dealt round-robin; a task works through its shards one at a time, so its
-memory does not grow with the input):
+(``pipeline.common.ray_runtime.map_groups``), each one task per CPU (more for a large input) over
+groups of patch shards (``task_groups``: shards dealt round-robin; a task works through its shards
+one at a time, so its memory does not grow with the input):
 
 - pass 1: each task computes the statistics of its patch shards (staged as Parquet, statistic
   columns only) and of its share of the whole registered images; it returns the ``|IR - VIS|``

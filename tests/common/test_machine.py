@@ -1,4 +1,4 @@
-"""Machine description and the huge-pages switch of the inference processes."""
+"""Machine description, the huge-pages switch of the inference processes, the data tasks' allocator."""
 
 from __future__ import annotations
 
@@ -28,3 +28,21 @@ def test_use_huge_pages_before_and_after_torch():
     after = "import torch; " + before
     assert _child(after) == "False 1"  # torch came first: it may be too late, and the caller is told
     assert _child(before, {"THP_MEM_ALLOC_ENABLE": "0"}) == "True 0"  # an explicit setting wins
+
+
+def test_use_system_allocator_switches_pyarrow_once_and_respects_the_environment():
+    code = ("import pyarrow as pa; from pipeline.common.machine import use_system_allocator as u; "
+            "a = pa.default_memory_pool().backend_name; u(); u(); print(a, pa.default_memory_pool().backend_name)")
+    default, switched = _child(code).split()
+    assert default != "system" and switched == "system"  # pyarrow's bundled allocator, then malloc
+    assert _child(code, {"ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}).split() in (["jemalloc", "jemalloc"],
+                                                                              ["mimalloc", "mimalloc"])
+
+
+def test_release_free_memory_hands_fragmented_heap_back():
+    # 200 MB of malloc'd blocks, every 64th kept so that the free space is holes, not the heap's top
+    code = ("import psutil; from pipeline.common.machine import release_free_memory as r; p = psutil.Process(); "
+            "b = [bytearray(4000) for _ in range(50_000)]; keep = b[::64]; del b; "
+            "x = p.memory_info().rss; r(); print(x // 2**20, p.memory_info().rss // 2**20)")
+    before, after = map(int, _child(code).split())
+    assert before > 150 and after < before - 100, (before, after)

@@ -68,7 +68,10 @@ def test_map_groups_is_one_task_per_group_in_order_like_run_serially(ray_local):
     def _describe_group(group: list[int], offset: int) -> dict:  # local: Ray pickles it by value
         if offset < 0:
             raise ValueError(f"bad group {group}")
-        return {"total": sum(group) + offset, "first": group[0], "pid": os.getpid()}
+        import pyarrow as pa
+
+        return {"total": sum(group) + offset, "first": group[0], "pid": os.getpid(),
+                "arrow_pool": pa.default_memory_pool().backend_name}
 
     configure_data_context()
     groups = task_groups(list(range(50)), 7)
@@ -77,6 +80,8 @@ def test_map_groups_is_one_task_per_group_in_order_like_run_serially(ray_local):
     assert [{k: r[k] for k in ("total", "first")} for r in on_ray] == [{k: r[k] for k in ("total", "first")} for r in serial]
     assert [r["first"] for r in on_ray] == list(range(7))  # group order, whatever the task order
     assert {r["pid"] for r in on_ray} != {os.getpid()}  # ran in Ray workers
+    # every runner runs a group with pyarrow on malloc (memory flat in the number of groups)
+    assert {r["arrow_pool"] for r in on_ray + serial} == {"system"}
     assert map_groups("test", _describe_group, [], {"offset": 0}) == []
     with pytest.raises(ValueError, match="bad group"):  # the task's own exception, not a wrapper
         map_groups("test", _describe_group, groups, {"offset": -1})
