@@ -8,6 +8,9 @@ of every configuration, interleaved, the best round kept and every round recorde
 - ``plain``: one process, batches sliced from the Parquet patch table and decoded with
   ``pipeline.train.data.decode_patches``, ``pipeline.train.step.train_step``; with 1 torch thread
   and with all cores as threads;
+- ``plain_2processes``: two 1-thread plain loops at the same time in two processes, with no
+  communication: the most 2 data-parallel workers of 1 thread could reach on this machine (shared
+  cores, caches and memory bandwidth), against which ``ray2``'s efficiency is measured;
 - ``ray1``: Ray Train, 1 worker of 1 thread; ``ray2``: 2 workers of 1 thread (DDP over gloo).
   Both run the ``train`` stage's own pieces: the trainer of ``pipeline.train.driver.build_trainer``
   (the same dataset, materialisation, ``DataConfig`` and CPU reservation), the worker's
@@ -24,7 +27,8 @@ measured steps; a gloo all-reduce of the gradient size timed alone; and the star
 (``fit()`` -> worker function entered -> its imports -> model/optimiser/MLflow ready -> first
 batch in hand). Targets (issue 12): ``ray1`` within 5% of the 1-thread plain loop, ``ray2`` at
 least 1.1x the 2-thread plain loop, start-up (``fit()`` -> first step) at most 15 s.
-Prints the figures with their ratios, writes ``bench/results/train.json``.
+Prints the figures with their ratios (also ``ray2`` / ``plain_2processes`` and that ceiling / the
+2-thread loop, which bounds what ``ray2`` can reach here), writes ``bench/results/train.json``.
 
 Usage: ``python bench/bench_train.py [--patches data/stats/patches] [--steps 12] [--warmup 3]``
 (without the patch table it generates a synthetic one of 64x64 patches in a temporary folder).
@@ -109,8 +113,11 @@ def _step_walls(clock: Any, skip: int) -> list[float]:
 
 # ----------------------------------------------------------------------------------------------
 # plain loop
-def plain(cfg: dict) -> dict:
-    """Single-process loop over batches decoded from the Parquet table (the same ``train_step``)."""
+def plain(cfg: dict, before_steps: Any = None) -> dict:
+    """Single-process loop over batches decoded from the Parquet table (the same ``train_step``).
+
+    ``before_steps``: called once set up, before the first step (``two_processes`` syncs there).
+    """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
@@ -138,6 +145,8 @@ def plain(cfg: dict) -> dict:
     sched = build_scheduler(opt, s, cfg["warmup"] + cfg["steps"])
     b, total = s.batch_size, cfg["warmup"] + cfg["steps"]
     startup = time.perf_counter() - t_start
+    if before_steps is not None:
+        before_steps()
     clock = StepClock()
     for i in range(total):
         lo = (i * b) % max(1, table.num_rows - b)
@@ -148,6 +157,37 @@ def plain(cfg: dict) -> dict:
         clock.end_step()
     return dict(_rates(_step_walls(clock, cfg["warmup"]), b), startup_s=startup, threads=cfg["threads"],
                 breakdown=clock.summary(skip=cfg["warmup"]))
+
+
+def _plain_in_process(cfg: dict, barrier: Any, results: Any) -> None:
+    """One of ``two_processes``' processes: the 1-thread plain loop, its steps started with the other's."""
+    results.put(plain(cfg, before_steps=barrier.wait))
+
+
+def two_processes(cfg: dict) -> dict:
+    """Two independent 1-thread plain loops at the same time, in two processes (no communication).
+
+    What 2 data-parallel workers of 1 thread could reach on this machine at best: two processes
+    sharing the cores, caches and memory bandwidth, with no all-reduce, no Ray and nothing else
+    running. ``patches_per_s``: the sum of the two; ``ray2`` divided by it is Ray Train's
+    efficiency, and it divided by the 2-thread plain loop bounds ``ray2``'s ratio to that loop.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, as Ray's workers
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_plain_in_process, args=(dict(cfg, threads=1), barrier, results)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    each = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return {"patches_per_s": sum(r["patches_per_s"] for r in each),
+            "patches_per_s_mean": sum(r["patches_per_s_mean"] for r in each),
+            "each_patches_per_s": [r["patches_per_s"] for r in each],
+            "step_s_median": max(r["step_s_median"] for r in each), "steps": each[0]["steps"],
+            "startup_s": max(r["startup_s"] for r in each), "threads": 1, "processes": 2,
+            "breakdown": each[0]["breakdown"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +448,11 @@ def main() -> int:
                 runs.setdefault(f"plain_{threads}thread" + ("s" if threads > 1 else ""), []).append(r)
                 print(f"[{rnd + 1}/{args.repeats}] plain loop, {threads} thread(s): {r['patches_per_s']:7.2f} patches/s",
                       flush=True)
+            if cores >= 2:
+                r = two_processes(cfg)
+                runs.setdefault("plain_2processes", []).append(r)
+                print(f"[{rnd + 1}/{args.repeats}] 2 plain loops at once, 1 thread each: {r['patches_per_s']:7.2f} "
+                      f"patches/s ({' + '.join(f'{x:.2f}' for x in r['each_patches_per_s'])})", flush=True)
         if args.only != "plain":
             ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
             try:
@@ -431,6 +476,12 @@ def main() -> int:
                   f"ray2_vs_plain_{cores}threads": res["ray2"]["patches_per_s"] / base2}
         print(f"\nbest of {args.repeats} rounds: plain 1 thread {base1:.2f}, plain {cores} threads {base2:.2f}, "
               f"Ray x1 {res['ray1']['patches_per_s']:.2f}, Ray x2 {res['ray2']['patches_per_s']:.2f} patches/s")
+        if "plain_2processes" in res:  # the best 2 workers of 1 thread could do here (no all-reduce, no Ray)
+            ceiling = res["plain_2processes"]["patches_per_s"]
+            ratios["two_processes_vs_plain_2threads"] = ceiling / base2
+            ratios["ray2_vs_two_processes"] = res["ray2"]["patches_per_s"] / ceiling
+            print(f"2 plain loops at once (1 thread each) {ceiling:.2f} patches/s: the ceiling of 2 workers here, "
+                  f"{ceiling / base2:.3f}x the {cores}-thread loop; Ray x2 reaches {res['ray2']['patches_per_s'] / ceiling:.3f} of it")
         verdicts = {
             "ray1 within 5% of plain 1 thread": ratios["ray1_vs_plain_1thread"] >= TARGETS["ray1_vs_plain_1thread"],
             f"ray2 >= 1.1x plain {cores} threads": ratios[f"ray2_vs_plain_{cores}threads"] >= TARGETS["ray2_vs_plain_2threads"],
