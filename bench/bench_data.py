@@ -27,10 +27,10 @@ driver process, the worker processes and Ray's own daemons (raylet, GCS, agents)
 wall time and in-task time are recorded: the breakdown of where Ray's time goes.
 
 Usage: ``python bench/bench_data.py [--dataset ../shared/data/RoadScene] [--scales 1 4 16]
-[--num-cpus 1 2] [--modes loop pool ray] [--merge]``. Defaults: ``--scales 1 4 --num-cpus 2``
-(about 2 minutes on 2 cores); ``--scales 1 4 16 --num-cpus 1 2`` takes about 8 minutes, or run
-16x apart and add it with ``--merge`` (ratios and memory growth are then computed over every run
-in the file). Pool runs only for 2 CPUs or more. Prints each figure with its ratio (Ray/loop,
+[--num-cpus 1 2] [--modes loop pool ray] [--repeat 3] [--merge]``. Defaults: ``--scales 1 4
+--num-cpus 2 --repeat 3`` (about 5 minutes on 2 cores; ``--num-cpus 1 2`` about 7); add 16x apart
+with ``--scales 16 --num-cpus 1 2 --repeat 1 --merge`` (about 7 minutes; ratios and memory growth
+are then computed over every run in the file). Pool runs only for 2 CPUs or more. Prints each figure with its ratio (Ray/loop,
 Ray/Pool, memory growth vs the smallest scale) and writes ``bench/results/data.json`` (``--out``).
 """
 
