@@ -41,8 +41,9 @@ the cluster size, the number of tasks or their order), so the same params give t
 rows and bytes.
 
 Execution: one Ray Data execution (``pipeline.common.ray_runtime.map_groups``) whose tasks each
-take a group of shard descriptors (``task_count``: one task per CPU, more for a large input; shards dealt round-robin) and crop
-them one shard at a time, so a task holds one shard in memory whatever the input size.
+take a group of shard descriptors (``task_count``: one task per CPU, more for a large input;
+shards dealt round-robin) and crop them one shard at a time, so a task holds one shard in memory
+whatever the input size.
 """
 
 from __future__ import annotations
