@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import pickle
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -91,7 +93,31 @@ def ray_session(
         with _original_task_errors():
             yield ray.cluster_resources()
     finally:
-        ray.shutdown()
+        with _sigint_deferred():
+            ray.shutdown()
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C for the duration of the body, then act on it (the previous SIGINT handler).
+
+    For ``ray.shutdown()``: a ``KeyboardInterrupt`` raised halfway through it left Ray's core worker
+    destroyed but still reachable, and the next touch of it ended the process with status 1 ("The
+    core worker process is not initialized yet or already shutdown") instead of the stage's 130
+    (seen when Ctrl-C reached the train stage just as its training ended). Only the main thread can
+    set signal handlers; elsewhere the body runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, None)
 
 
 def _plain_task_errors() -> None:

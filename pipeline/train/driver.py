@@ -110,8 +110,8 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
             fit_s = time.perf_counter() - t_fit
             if sum(f.dropped for f in filters):
                 log.info("hid %d '%s' line(s) (harmless)", sum(f.dropped for f in filters), RAY_TRAIN_CONTROLLER_NOISE)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+    except BaseException as exc:
+        client.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     summary = _export(result, settings, paths, client, run_id, name, uri, fit_s, t_start)
     client.set_terminated(run_id, status="FINISHED")
