@@ -11,18 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.common.machine import use_huge_pages
-
-use_huge_pages()  # before torch is imported below: inference on 2 MB pages, here and in the local Ray's workers
 from pipeline.common.config import section
+from pipeline.common.machine import use_huge_pages
 from pipeline.common.mlflow_store import configure_mlflow
 from pipeline.common.stage import Arg, run_stage
-from pipeline.evaluate.stage import EvalConfig, evaluate, log_to_run
 from pipeline.train.summary import read_train_info
 
 
 def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
     """The stage's work; returns its summary."""
+    from pipeline.evaluate.stage import EvalConfig, evaluate, log_to_run  # torch: after use_huge_pages
+
     cfg = EvalConfig.from_params(section(params, "evaluate"))
     info = read_train_info(args.train_info)
     result = evaluate(info["checkpoint"], args.registered, args.split, args.out, args.metrics, cfg)
@@ -33,6 +32,7 @@ def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
+    use_huge_pages()  # before torch and the local Ray's workers start: inference on 2 MB pages
     return run_stage("evaluate", __doc__, run,
                      Arg("--train-info", "models/train.json of the train stage"),
                      Arg("--registered", "registered images (ir/, vi/)"),

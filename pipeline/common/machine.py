@@ -43,8 +43,8 @@ def use_system_allocator() -> None:
     write a Parquet shard after another, a worker's resident memory then grew with the number of
     shards it had handled (crop + stats of RoadScene at 4x the pairs: +60 MiB in the single-process
     loop, +40 MiB over Ray's two workers; ``bench/bench_data.py``); with ``malloc`` and
-    ``release_free_memory`` after each task group, +14 MiB and +20 MiB (Ray's whole tree 1.03x). Idempotent; an explicit
-    ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins.
+    ``release_free_memory`` after each task group, +14 MiB and +20 MiB (Ray's whole tree 1.03x).
+    Idempotent; an explicit ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins.
     """
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         return

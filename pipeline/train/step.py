@@ -54,14 +54,12 @@ class StepClock:
     def summary(self, skip: int = 0) -> dict[str, dict[str, float]]:
         """Per phase (and ``step``, their sum): median wall and CPU seconds over the steps after
         the first ``skip`` (warm-up)."""
-        steps = self.steps[skip:]
-        phases = list(dict.fromkeys(k for st in steps for k in st))
+        steps = [{**st, "step": tuple(map(sum, zip(*st.values()))) if st else (0.0, 0.0)} for st in self.steps[skip:]]
+        names = list(dict.fromkeys(k for st in steps for k in st if k != "step")) + ["step"]
         out: dict[str, dict[str, float]] = {}
-        for name in [*phases, "step"]:
-            pick = (lambda st: (sum(w for w, _ in st.values()), sum(c for _, c in st.values()))) if name == "step" \
-                else (lambda st, n=name: st.get(n, (0.0, 0.0)))
-            walls, cpus = zip(*(pick(st) for st in steps)) if steps else ((0.0,), (0.0,))
-            out[name] = {"wall_s": float(np.median(walls)), "cpu_s": float(np.median(cpus))}
+        for name in names:
+            times = np.array([st.get(name, (0.0, 0.0)) for st in steps] or [(0.0, 0.0)])
+            out[name] = {"wall_s": float(np.median(times[:, 0])), "cpu_s": float(np.median(times[:, 1]))}
         return out
 
 
@@ -168,7 +166,6 @@ def train_step(
     out["lr"] = float(lr)
     mark("optimiser")
     return out
-
 
 
 def _floats(terms: Mapping[str, Any]) -> dict[str, float]:
