@@ -43,14 +43,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as mda fuse; read by torch at its first allocation
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.common.machine import use_huge_pages
+
+use_huge_pages()  # as mda fuse; read by torch at its first allocation, so before torch is imported
 
 import numpy as np
 import torch
+from bench_step import matmul_ceiling
 from torch.utils.flop_counter import FlopCounterMode
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.common.atomic_io import write_json
 from pipeline.common.machine import cpu_model
@@ -78,23 +81,6 @@ MEMORY_SIZES = [(450, 620), (480, 640), (709, 945), (960, 1280)]
 TARGET_RATIO = 0.75
 #: ... with outputs this close to eager fp32.
 MAX_ABS_DIFF = 1e-4
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Best wall time in seconds over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def matmul_ceiling(repeats: int = 5, n: int = 2048) -> float:
-    """GFLOP/s of an n x n fp32 matmul (best of ``repeats``)."""
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
 
 
 def padded_pixels(h: int, w: int) -> int:

@@ -347,10 +347,12 @@ def ray_train(cfg: dict, params: dict, workers: int, **overrides: Any) -> dict:
 
     from pipeline.train.driver import build_trainer
     from pipeline.train.losses import loss_section
+    from pipeline.train.settings import cpus_per_worker
 
     total = cfg["warmup"] + cfg["steps"]
     s = bench_settings(params, workers, cfg["batch_size"], **overrides)
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench_train{workers}_"))
+    holder = tempfile.TemporaryDirectory(prefix=f"bench_train{workers}_")  # Ray storage, MLflow store: removed after
+    tmp = Path(holder.name)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("bench")).info.run_id
@@ -359,8 +361,9 @@ def ray_train(cfg: dict, params: dict, workers: int, **overrides: Any) -> dict:
               "mlflow_uri": uri, "mlflow_run_id": run_id, "driver_host": socket.gethostname(),
               "bench": {"warmup": cfg["warmup"], "result_dir": str(tmp)}}
     t_data = time.time()
+    resources = ray.cluster_resources()
     trainer = build_trainer(_bench_loop, config, s, cfg["patches"], RunConfig(name=f"bench{workers}", storage_path=str(tmp)),
-                            ray.cluster_resources())
+                            resources)
     t_fit = time.time()
     with _CpuSampler() as sampler:
         result = trainer.fit()
@@ -368,6 +371,7 @@ def ray_train(cfg: dict, params: dict, workers: int, **overrides: Any) -> dict:
     if result.error:
         raise result.error
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(workers)]
+    holder.cleanup()
     m = ranks[0]
     tl = m.pop("timeline")
     m["startup_s"] = tl["first_step"] - t_fit
@@ -385,10 +389,7 @@ def ray_train(cfg: dict, params: dict, workers: int, **overrides: Any) -> dict:
     m["ray_processes_started_after_fit_s"] = {  # a process started by fit() paid its Python and imports
         k: round(t - t_fit, 2) for k, t in sampler.started.items()
         if k.startswith(("ray::TrainController", "ray::RayTrainWorker", "ray::SplitCoordinator")) and t > t_fit - 1}
-    cpus = ray.cluster_resources().get("CPU", 1)
-    from pipeline.train.settings import cpus_per_worker
-
-    return dict(m, fit_s=fit_s, workers=workers, cpus_per_worker=cpus_per_worker(s, cpus), threads_per_worker=1,
+    return dict(m, fit_s=fit_s, workers=workers, cpus_per_worker=cpus_per_worker(s, resources.get("CPU", 1)), threads_per_worker=1,
                 shuffle_buffer=s.shuffle_buffer, log_every_steps=s.log_every_steps, materialize=s.materialize)
 
 
@@ -422,6 +423,7 @@ def main() -> int:
     import torch
 
     from pipeline.common.config import load_params, section
+    from pipeline.common.atomic_io import write_json
     from pipeline.common.machine import describe_machine
     from pipeline.model.network import model_config
     from pipeline.train.losses import loss_section
@@ -430,7 +432,8 @@ def main() -> int:
     patches = Path(args.patches)
     source = str(patches)
     if not list(patches.glob("*.parquet")):
-        patches = synthetic_patches(Path(tempfile.mkdtemp(prefix="bench_patches_")))
+        synthetic = tempfile.TemporaryDirectory(prefix="bench_patches_")  # removed at exit
+        patches = synthetic_patches(Path(synthetic.name))
         source = "synthetic 64x64 (no data/stats/patches: run `dvc repro stats` for the real table)"
     name, margs = model_config(section(params, "model"))
     cores = os.cpu_count() or 1
@@ -514,9 +517,7 @@ def main() -> int:
                     "python": platform.python_version(), "device": "cpu",
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out = write_json(args.out, report)
     print(f"wrote {out} (load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f})")
     return 0
 

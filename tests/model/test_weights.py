@@ -194,10 +194,12 @@ def test_checkpoint_round_trip(tmp_path):
     obj = torch.load(path, weights_only=True)
     assert not any(k.startswith("module.") for k in obj["state_dict"])
     # a channels-last (training) model saves plain NCHW tensors with the same values
+    plain = {k: v.clone() for k, v in model.state_dict().items()}  # NCHW, before the in-place conversion
     save_checkpoint(path, model.to(memory_format=torch.channels_last), "mda", args)
+    assert any(not v.is_contiguous() for v in model.state_dict().values())  # the model is channels-last now
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert all(t.is_contiguous() for t in saved.values())
-    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert saved.keys() == plain.keys() and all(torch.equal(saved[k], v) for k, v in plain.items())
     with pytest.raises(ValueError, match="JSON"):
         save_checkpoint(path, model, "mda", args, extra={"bad": object()})
 

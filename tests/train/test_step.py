@@ -181,7 +181,7 @@ def test_step_clock_times_every_phase_of_a_step(tmp_path):
     assert list(clock.steps[0]) == ["forward", "loss", "backward", "clip", "optimiser", "log"]
     summary = clock.summary(skip=1)
     assert set(summary) == {"forward", "loss", "backward", "clip", "optimiser", "log", "step"}
-    assert summary["backward"]["wall_s"] > 0 and summary["forward"]["cpu_s"] >= 0
+    assert summary["backward"]["wall_s"] > 0 and summary["forward"]["cpu_s"] > 0
     total = [sum(w for w, _ in st.values()) for st in clock.steps[1:]]
     assert summary["step"]["wall_s"] == pytest.approx(float(np.median(total)))
 
