@@ -28,7 +28,6 @@ Usage: ``python bench/scale_projection.py [--workers 1 2 4 8 16 32 64] [--gpu-ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,8 +76,10 @@ def _two_worker_gap(ray1: dict[str, Any], ray2: dict[str, Any], nbytes: float, b
 
 
 def _load(name: str) -> dict[str, Any] | None:
+    from pipeline.common.atomic_io import read_json_object
+
     path = RESULTS / name
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path, "benchmark result") if path.is_file() else None
 
 
 def _table(title: str, proj: dict[str, dict[int, dict[str, float]]], workers: list[int]) -> None:
@@ -112,8 +113,9 @@ def main() -> int:
     nbytes = 4.0 * n_params
     batch = int(train["batch_size_per_worker"])
     size_key = next(k for k in step["results"] if k.startswith("64px_params"))
-    gflop_per_patch = step["results"][size_key]["stage"]["gflop"] / step["results"][size_key]["stage"]["batch"]
-    decode_s_per_patch = step["results"][size_key]["stage"]["parts_s"].get("decode", 0.0) / step["results"][size_key]["stage"]["batch"]
+    stage_step = step["results"][size_key]["stage"]
+    gflop_per_patch = stage_step["gflop"] / stage_step["batch"]
+    decode_s_per_patch = stage_step["parts_s"].get("decode", 0.0) / stage_step["batch"]
 
     print("measured on this machine (Ray Train, CPU workers of 1 thread, gloo):")
     base = ray1["patches_per_s"]
@@ -123,7 +125,7 @@ def main() -> int:
     ar = ray2.get("allreduce_s")
     print(f"  DDP all-reduce: {n_params} parameters x 4 B = {nbytes / 1e6:.2f} MB per step"
           + (f"; gloo on this host, timed alone: {ar * 1e3:.1f} ms "
-             f"({2 * 0.5 * nbytes / ar / 1e9:.2f} GB/s effective, ring formula)" if ar else ""))
+             f"({nbytes / ar / 1e9:.2f} GB/s effective, ring formula at N=2: 2(N-1)/N x bytes)" if ar else ""))
     print(f"  step FLOPs: {gflop_per_patch:.2f} GFLOP per 64x64 patch (forward + loss + backward); data decode "
           f"{decode_s_per_patch * 1e6:.0f} us CPU per patch")
 
@@ -140,7 +142,7 @@ def main() -> int:
            "patches/s (scaling efficiency)", cpu_proj, args.workers)
 
     if gpu is not None:
-        gpu_compute = gpu["step_s_median"] * 1.0
+        gpu_compute = gpu["step_s_median"]
         gpu_batch = int(gpu["batch_size_per_worker"])
         source = f"measured by bench/gpu_check.sh on {gpu.get('device', 'a GPU')}"
     else:
