@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -78,9 +79,32 @@ def staging_dir(final: str | Path) -> Path:
     return tmp
 
 
+#: Name of an :func:`atomic_writer` temporary file: ``.<name>.<8 random characters>.tmp``.
+_WRITER_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def drop_stray_temps(folder: str | Path) -> list[Path]:
+    """Remove, recursively, the :func:`atomic_writer` temporary files left in ``folder`` by writers
+    that were killed before they could clean up (SIGKILL, a lost Ray worker); returns them.
+
+    Call it only once every writer into ``folder`` has finished: a live writer's file looks the same.
+    """
+    stray = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and _WRITER_TEMP.match(p.name)]
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return stray
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
-    """Move a finished temporary folder (or file) to ``final``, replacing what was there only at the end."""
+    """Move a finished temporary folder (or file) to ``final``, replacing what was there only at the end.
+
+    A folder is published without the temporary files of writers killed inside it
+    (:func:`drop_stray_temps`): its writers are done by now, so those are abandoned, and a retried
+    task has written the file itself.
+    """
     final = Path(final)
+    if Path(tmp).is_dir():
+        drop_stray_temps(tmp)
     old = None
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))

@@ -362,7 +362,7 @@ def train(cfg: Mapping[str, Any], images: Sequence[PairImages], weights: np.ndar
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
         clipped += int(clip > 0 and float(gn) > clip)
         opt.step()
-        lv = float(loss)
+        lv = loss.item()
         run_loss = lv if run_loss is None else 0.95 * run_loss + 0.05 * lv
         if step % int(t["log_every"]) == 0 or step == steps - 1:
             rec = {"step": step, "loss": lv, "loss_ema": run_loss, "grad_norm": float(gn),

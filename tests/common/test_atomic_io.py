@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from pipeline.common.atomic_io import atomic_writer, read_json_object, replace_dir, staging_dir, write_json
@@ -26,6 +30,29 @@ def test_staged_folder_replaces_whole(tmp_path):
     (tmp / "new.txt").write_text("y")
     replace_dir(tmp, final)
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+
+def test_staged_folder_drops_temps_of_killed_writers(tmp_path):
+    """A writer SIGKILLed mid-file (a lost Ray worker) cannot remove its temporary file; the
+    published folder must not carry it, while the finished files and ordinary dot-files stay."""
+    final = tmp_path / "result"
+    tmp = staging_dir(final)
+    (tmp / "ir").mkdir()
+    write_json(tmp / "ir" / "done.json", {"ok": 1})
+    (tmp / ".keep.tmp").write_text("not a writer's temporary file")
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from pipeline.common.atomic_io import atomic_writer\n"
+        f"with atomic_writer({str(tmp / 'ir' / 'half.png')!r}) as fh:\n"
+        "    fh.write(b'half'); fh.flush(); print('writing', flush=True); signal.pause()\n"
+    )], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    stray = [p.name for p in (tmp / "ir").iterdir() if p.name.startswith(".half.png.")]
+    assert len(stray) == 1 and stray[0].endswith(".tmp")  # what the killed writer left
+    replace_dir(tmp, final)
+    assert sorted(str(p.relative_to(final)) for p in final.rglob("*")) == [".keep.tmp", "ir", "ir/done.json"]
 
 
 def test_read_json_object(tmp_path):

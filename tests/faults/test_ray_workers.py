@@ -8,6 +8,10 @@ from fault_fixtures import files, leftovers, run_killing_a_worker, stage_argv, s
 
 pytestmark = pytest.mark.faults
 
+#: Pairs big enough that every stage's Ray tasks run for a few hundred ms, so the killer (polling
+#: every 20 ms) always finds one busy; at 128x160 a crop task took ~25 ms and was missed now and then.
+WORKSPACE_SIZE = (512, 640)
+
 OUTPUT = {"register": "registered", "crop": "patches", "stats": "stats"}
 
 
