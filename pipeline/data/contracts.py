@@ -48,7 +48,9 @@ PATCH_SCHEMA = pa.schema(
 )
 
 #: Columns of ``manifest.parquet``: one row per pair found, accepted (``status == "ok"``) or
-#: rejected (``status == "rejected"``, ``reason`` a code). ``transform`` is the estimated IR ->
+#: rejected (``status == "rejected"``, ``reason`` a code). ``ir_src``/``vi_src`` are the source
+#: files, relative to the working folder of the run when inside it (so a DVC run's manifest does
+#: not depend on where the project is checked out). ``transform`` is the estimated IR ->
 #: visible warp (2x3 affine, row-major; the ECC translation, or in ``correct`` mode the rigid fit of
 #: a confident pair; identity when no estimate), applied to the written visible image iff
 #: ``corrected``; ``shift_px`` its largest displacement over the four corners and the centre;

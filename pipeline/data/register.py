@@ -22,13 +22,16 @@ Outputs of :func:`register_dataset` in ``OUT``: ``ir/<stem>.png`` (``uint8`` gra
 and rejected) and ``rejected.json`` (``[{pair_id, ir, vi, reason}]``); and the alignment report
 (``alignment.json``, ``alignment.png``: :func:`write_report`) in ``register.report_dir`` (``OUT``
 when empty). The images are written by the Ray tasks, so on a multi-node cluster ``OUT`` must be
-on storage shared by all nodes.
+on storage shared by all nodes. Source paths (``ir_src``, ``vi_src``, and in the reasons) are
+recorded relative to the working folder when they lie inside it (:func:`recorded_path`), so the
+outputs of a DVC run do not depend on where the project is checked out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -71,12 +74,24 @@ class _Rejected(Exception):
         self.reason = f"{code}: {detail}"
 
 
-def _read(reader: Any, path: str, what: str) -> np.ndarray:
+def _read(reader: Any, path: Path, what: str, shown: str) -> np.ndarray:
     try:
         return reader(path)
     except ImageError as exc:
         code = "unsupported_format" if "unsupported" in exc.reason else "unreadable"
-        raise _Rejected(code, f"{what} {path}: {exc.reason}") from None
+        raise _Rejected(code, f"{what} {shown}: {exc.reason}") from None
+
+
+def recorded_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` as the manifest records it: relative to ``root`` (default: the working folder) when
+    it lies inside it, else absolute. Links are kept (a dataset linked into the project is recorded
+    at its place in the project), unless only the resolved path lies inside ``root``."""
+    root = Path(os.path.abspath(root or Path.cwd()))
+    absolute = Path(os.path.normpath(root / path))
+    for candidate, base in ((absolute, root), (absolute.resolve(), root.resolve())):
+        if candidate.is_relative_to(base):
+            return candidate.relative_to(base).as_posix()
+    return str(absolute)
 
 
 def _empty_row(pair_id: str, ir: str | None, vi: str | None) -> dict[str, Any]:
@@ -85,42 +100,56 @@ def _empty_row(pair_id: str, ir: str | None, vi: str | None) -> dict[str, Any]:
     return row
 
 
+#: Decimals the manifest keeps of the alignment figures: far below what they can tell apart, and
+#: enough to hide the last-bit noise of OpenCV's SIMD sums (scores differed by 1e-11 between runs
+#: of one pair), so a rerun writes the same manifest and DVC sees an unchanged output.
+_DECIMALS = 6
+
+
 def _finite(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
+    return round(float(value), _DECIMALS) if np.isfinite(value) else None
+
+
+def _values(values: Any) -> list[float]:
+    return [round(float(v), _DECIMALS) for v in np.asarray(values).ravel()]
 
 
 def _alignment_fields(check: align.AlignmentCheck, warp: np.ndarray, h: int, w: int) -> dict[str, Any]:
-    """Manifest values of an alignment check whose recorded warp is ``warp``."""
+    """Manifest values of an alignment check whose recorded warp is ``warp`` (rounded, ``_DECIMALS``)."""
     return {
-        "transform": [float(v) for v in np.asarray(warp).ravel()],
+        "transform": _values(warp),
         "align_score": _finite(check.score),
-        "shift_px": align.displacement_px(warp, h, w),
+        "shift_px": _finite(align.displacement_px(warp, h, w)),
         "confident": check.confident,
         "align_reason": check.reason,
         "align_error": None if check.confident else check.reason,
-        "ecc_shift": None if check.ecc_shift is None else [float(v) for v in check.ecc_shift],
-        "mi_shift": [float(v) for v in check.mi_shift],
+        "ecc_shift": None if check.ecc_shift is None else _values(check.ecc_shift),
+        "mi_shift": _values(check.mi_shift),
         "identity_score": _finite(check.identity_score),
         "disagreement_px": _finite(check.disagreement_px),
     }
 
 
-def register_pair(pair_id: str, ir_path: str, vi_path: str, out_dir: str | Path, options: AlignOptions) -> dict[str, Any]:
+def register_pair(
+    pair_id: str, ir_path: str, vi_path: str, out_dir: str | Path, options: AlignOptions, root: str | Path = "."
+) -> dict[str, Any]:
     """Validate, check (and in ``correct`` mode maybe align) and write one pair; never raises for bad input.
 
     Args:
         pair_id: stem; the outputs are ``out_dir/ir/<pair_id>.png`` and ``out_dir/vi/<pair_id>.png``.
-        ir_path, vi_path: source files.
+        ir_path, vi_path: source files, as recorded in the row and the messages.
         out_dir: output root (written only for accepted pairs).
         options: alignment settings.
+        root: folder that relative source paths are read from (a Ray worker's own working folder
+            need not be the driver's).
 
     Returns:
         The manifest row (:func:`manifest_schema` columns as Python values).
     """
     row = _empty_row(pair_id, str(ir_path), str(vi_path))
     try:
-        ir = _read(read_ir, str(ir_path), "IR")
-        vi = _read(read_visible, str(vi_path), "visible")
+        ir = _read(read_ir, Path(root, ir_path), "IR", ir_path)
+        vi = _read(read_visible, Path(root, vi_path), "visible", vi_path)
         if ir.shape[:2] != vi.shape[:2]:
             raise _Rejected(
                 "size_mismatch",
@@ -197,9 +226,9 @@ class RegisterSummary:
         return asdict(self)
 
 
-def _map_row(item: dict[str, Any], out_dir: str, options: dict[str, Any]) -> dict[str, Any]:
+def _map_row(item: dict[str, Any], out_dir: str, options: dict[str, Any], root: str) -> dict[str, Any]:
     cv2.setNumThreads(1)  # one pair per task; Ray runs as many tasks as there are CPUs
-    row = register_pair(item["pair_id"], item["ir"], item["vi"], out_dir, AlignOptions(**options))
+    row = register_pair(item["pair_id"], item["ir"], item["vi"], out_dir, AlignOptions(**options), root)
     # One JSON column: Arrow would otherwise infer per-block types for columns that are null in
     # some blocks (rejected pairs) and lists in others.
     return {"pair_id": item["pair_id"], "record": json.dumps(row)}
@@ -274,7 +303,7 @@ def _unmatched_rows(unmatched: list[tuple[str, str]], ir_dir: str | Path) -> lis
     for path, reason in unmatched:
         p = Path(path)
         is_ir = p.parent.resolve() == Path(ir_dir).resolve()
-        row = _empty_row(p.stem, str(p) if is_ir else None, None if is_ir else str(p))
+        row = _empty_row(p.stem, recorded_path(p) if is_ir else None, None if is_ir else recorded_path(p))
         row["reason"] = reason
         rows.append(row)
     return rows
@@ -285,10 +314,9 @@ def _register_pairs(pairs: list[Any], staging: Path, options: AlignOptions, prog
     if not pairs:
         return []
     configure_data_context()
-    items = [{"pair_id": p.stem, "ir": str(p.ir.resolve()), "vi": str(p.vi.resolve())} for p in pairs]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)).map(
-        _map_row, fn_kwargs={"out_dir": str(staging.resolve()), "options": asdict(options)}, num_cpus=1
-    )
+    items = [{"pair_id": p.stem, "ir": recorded_path(p.ir), "vi": recorded_path(p.vi)} for p in pairs]
+    fn_kwargs = {"out_dir": str(staging.resolve()), "options": asdict(options), "root": str(Path.cwd())}
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)).map(_map_row, fn_kwargs=fn_kwargs, num_cpus=1)
     rows = []
     with tqdm(total=len(items), desc="register", unit="pair", disable=not progress) as bar:
         for result in ds.iter_rows():
