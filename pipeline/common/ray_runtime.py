@@ -233,8 +233,17 @@ def _run_group(row: Mapping[str, Any], fn: Callable[..., Any], fn_kwargs: Mappin
             "start": start, "end": time.time(), "cpu_s": time.thread_time() - c0}
 
 
-def map_groups(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwargs: Mapping[str, Any] | None = None) -> list[Any]:
+def map_groups(
+    name: str,
+    fn: Callable[..., Any],
+    groups: Sequence[Any],
+    fn_kwargs: Mapping[str, Any] | None = None,
+    on_result: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
     """Run ``fn(group, **fn_kwargs)`` for every group as one Ray Data execution; results in group order.
+
+    ``on_result(index, result)`` is called in this process as each group's result arrives (in the
+    order they finish), e.g. to advance a progress bar.
 
     One task per group (``from_items`` with one block per group, then ``map``), so the work is
     split exactly as planned by ``task_groups``. A group and its result travel pickled: they are
@@ -256,8 +265,13 @@ def map_groups(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwar
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
         _run_group, fn_kwargs={"fn": fn, "fn_kwargs": dict(fn_kwargs or {})}
     )
-    rows = sorted(ds.take_all(), key=lambda r: int(r["index"]))
-    if [int(r["index"]) for r in rows] != list(range(len(groups))):  # one row per task; anything else is a Ray Data contract change
+    rows, results = [], {}
+    for row in ds.iter_rows():
+        rows.append(row)
+        results[int(row["index"])] = pickle.loads(row["result"])
+        if on_result is not None:
+            on_result(int(row["index"]), results[int(row["index"])])
+    if sorted(results) != list(range(len(groups))) or len(rows) != len(groups):  # one row per task; anything else is a Ray Data contract change
         raise RuntimeError(f"{name}: {len(groups)} tasks returned {len(rows)} results")
     info = {"name": name, "tasks": len(groups), "wall_s": time.perf_counter() - t0,
             "task_wall_s": float(sum(r["end"] - r["start"] for r in rows)),
@@ -267,7 +281,7 @@ def map_groups(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwar
             "driver_cpu_s": time.process_time() - c0}
     log.debug("%s: %d tasks in %.2f s (task time %.2f s, driver CPU %.2f s)", name, info["tasks"], info["wall_s"],
               info["task_wall_s"], info["driver_cpu_s"], extra={"ray_data_execution": info})
-    return [pickle.loads(r["result"]) for r in rows]
+    return [results[k] for k in range(len(groups))]
 
 
 def run_serially(name: str, fn: Callable[..., Any], groups: Sequence[Any], fn_kwargs: Mapping[str, Any] | None = None) -> list[Any]:

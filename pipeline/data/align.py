@@ -82,7 +82,11 @@ def gradient_magnitude(img: np.ndarray) -> np.ndarray:
         (H, W) ``float32``, about 1 on edges of average local contrast.
     """
     f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.0)
-    g = cv2.magnitude(cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3))
+    gx, gy = cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3)
+    # not cv2.magnitude: its result depends on the arrays' memory alignment (SIMD head/tail in
+    # other arithmetic), which made the same pair's rigid fit differ from run to run; numpy's
+    # multiply, add and sqrt are correctly rounded on every path
+    g = np.sqrt(gx * gx + gy * gy)
     local = cv2.GaussianBlur(g, (0, 0), 6.0)
     return g / (local + 0.5 * float(g.mean()) + 1e-6)
 

@@ -75,7 +75,10 @@ def test_map_groups_is_one_task_per_group_in_order_like_run_serially(ray_local):
 
     configure_data_context()
     groups = task_groups(list(range(50)), 7)
-    on_ray = map_groups("test", _describe_group, groups, {"offset": 1000})
+    arrived = []
+    on_ray = map_groups("test", _describe_group, groups, {"offset": 1000},
+                        on_result=lambda index, result: arrived.append((index, result["total"])))
+    assert sorted(arrived) == [(k, r["total"]) for k, r in enumerate(on_ray)]  # each result once, as it came
     serial = run_serially("test", _describe_group, groups, {"offset": 1000})
     assert [{k: r[k] for k in ("total", "first")} for r in on_ray] == [{k: r[k] for k in ("total", "first")} for r in serial]
     assert [r["first"] for r in on_ray] == list(range(7))  # group order, whatever the task order

@@ -244,7 +244,7 @@ def test_register_refuses_to_replace_a_foreign_folder(tmp_path):
 
 def test_outputs_do_not_depend_on_the_checkout_folder(tmp_path, ray_local, monkeypatch):
     """The same inputs registered in two checkouts (as ``dvc repro`` runs it: relative paths, cwd
-    at the project root) give byte-identical manifests, reports and rejection lists; sources are
+    at the project root) give byte-identical outputs (images, manifest, report); sources are
     recorded relative to the working folder, and a source outside it stays absolute."""
     outputs = {}
     for name in ("a", "deeper/b"):
@@ -252,13 +252,12 @@ def test_outputs_do_not_depend_on_the_checkout_folder(tmp_path, ray_local, monke
         generate_demo(project / "raw", num_pairs=2, height=64, width=80, seed=7)
         (project / "raw/vi/demo_001.png").write_bytes(b"not an image")
         monkeypatch.chdir(project)
-        register_dataset("raw/ir", str(project / "raw/vi"), "registered", progress=False)
-        outputs[name] = {f: (project / "registered" / f).read_bytes()
-                         for f in ("manifest.parquet", "rejected.json", REPORT_METRICS)}
+        register_dataset("raw/ir", str(project / "raw/vi"), "registered", AlignOptions(align="correct"), progress=False)
+        outputs[name] = {str(f.relative_to(project)): f.read_bytes() for f in (project / "registered").rglob("*") if f.is_file()}
         rows = _manifest(project / "registered")
         assert (rows["demo_000"]["ir_src"], rows["demo_000"]["vi_src"]) == ("raw/ir/demo_000.png", "raw/vi/demo_000.png")
         assert rows["demo_001"]["reason"].startswith("unreadable: visible raw/vi/demo_001.png:")
-    assert outputs["a"] == outputs["deeper/b"]
+    assert len(outputs["a"]) == 6 and outputs["a"] == outputs["deeper/b"]
     from pipeline.data.register import recorded_path
 
     assert recorded_path(tmp_path / "a/raw/ir/x.png", tmp_path / "deeper") == str(tmp_path / "a/raw/ir/x.png")
