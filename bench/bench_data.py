@@ -40,7 +40,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -452,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                                "peak_rss_sum_growth": g_rss})
                 print(f"  {mode:4s} {cpus} CPU {scale:2d}x: PSS {run['peak_mem_mib']:.0f} MiB = {g:.2f}x, "
                       f"summed peak RSS {run['peak_rss_sum_mib']:.0f} MiB = {g_rss:.2f}x")
-    load = os.getloadavg()
+    from pipeline.common.machine import provenance
+
+    machine = provenance(load_before)
     report = {
         "benchmark": "crop + stats: Ray Data vs single-process loop vs multiprocessing.Pool (same group functions)",
         "dataset": str(args.dataset),
@@ -460,18 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "ratios": ratios,
         "memory_growth": growth,
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in load],
-        },
+        "machine": machine,
     }
     from pipeline.common.atomic_io import write_json
 
     write_json(args.out, report)
-    print(f"load average before {load_before[0]:.1f}, after {load[0]:.1f} (other processes distort the figures when high)")
+    print(f"load average before {load_before[0]:.1f}, after {machine['load_average_after'][0]:.1f} "
+          "(other processes distort the figures when high)")
     print(f"written {args.out}")
     return 0
 

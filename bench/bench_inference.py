@@ -36,7 +36,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -56,14 +55,9 @@ from bench_step import matmul_ceiling
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.common.atomic_io import write_json
-from pipeline.common.machine import cpu_model
+from pipeline.common.machine import available_cores, provenance
 from pipeline.data.images import read_ir, read_visible, split_luma
-from pipeline.model.inference import (
-    Fuser,
-    available_cores,
-    pad_to_multiple,
-    set_threads,
-)
+from pipeline.model.inference import Fuser, pad_to_multiple, set_threads
 from pipeline.model.network import SIZE_MULTIPLE, build_model
 from pipeline.model.weights import load_model
 
@@ -142,14 +136,11 @@ def profile_breakdown(fn: Callable[[], object]) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def machine_info() -> dict[str, object]:
-    return {
-        "cpu": cpu_model(), "cores_available": available_cores(), "os_cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
-        "mkldnn": torch.backends.mkldnn.is_available(), "python": platform.python_version(),
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-        "load_average_1_5_15": list(os.getloadavg()),
-    }
+def machine_info(load_before: list[float]) -> dict[str, object]:
+    """``machine.provenance`` with this benchmark's settings."""
+    return provenance(load_before, torch_threads=torch.get_num_threads(), device="cpu",
+                      mkldnn=torch.backends.mkldnn.is_available(),
+                      THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE"))
 
 
 def _status_kib(key: str) -> int:
@@ -278,19 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     unfused = Fuser(build_model("mda"), postprocess="clip", fused=False)
     unfused.model.load_state_dict(plain.state_dict())
 
-    info = machine_info()
+    load_before = list(os.getloadavg())
     ceiling = matmul_ceiling()
-    print(f"machine: {info['cpu']}, {info['cores_available']} cores, torch threads {threads}, "
-          f"load {info['load_average_1_5_15']}")
+    print(f"machine: {available_cores()} cores, torch threads {threads}, load {load_before}")
     print(f"ceiling: 2048x2048 fp32 matmul {ceiling:.1f} GFLOP/s; model {params:,} parameters ({source}); "
           f"target {TARGET_RATIO} of the ceiling, max|diff| <= {MAX_ABS_DIFF}")
     results: dict[str, object] = {}
     for name in [args.only] if args.only else PAIRS:
         row, ceiling = measure_pair(name, plain, fuser, unfused, ceiling, args)
         results[name] = row
-    info["load_average_after"] = list(os.getloadavg())
     report: dict[str, object] = {
-        "timestamp": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
+        "timestamp": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(load_before),
         "ceiling_matmul_2048_gflops_per_s": round(ceiling, 1), "target_ratio": TARGET_RATIO,
         "max_abs_diff_allowed": MAX_ABS_DIFF, "parameters": params, "weights": source,
         "repeats": args.repeats, "results": results}

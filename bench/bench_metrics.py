@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.common.machine import provenance  # noqa: E402
 from pipeline.evaluate.metrics import METRIC_FUNCTIONS, METRICS, compute_all  # noqa: E402
 
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cv2.setNumThreads(1)  # one core, as the requirement says
+    load_before = os.getloadavg()
     if args.pair:
         from pipeline.data.images import read_gray
 
@@ -71,21 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     per_metric = {name: time_call(lambda fn=METRIC_FUNCTIONS[name]: fn(a, b, f), args.repeats) for name in METRICS}
     total = time_call(lambda: compute_all(a, b, f), args.repeats)
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"image: {source}, shape {a.shape}, median of {args.repeats} runs, 1 OpenCV thread")
-    print(f"machine: {os.cpu_count()} cores, load average {load:.1f} (timings inflate when it exceeds the cores)")
+    print(f"machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} (timings inflate when it exceeds the cores)")
     print(f"  {'':11s} {'wall ms':>8s} {'CPU ms':>8s}")
     for name in METRICS:
         print(f"  {name:11s} {per_metric[name][0] * 1e3:8.1f} {per_metric[name][1] * 1e3:8.1f}")
     print(f"  {'sum':11s} {sum(w for w, _ in per_metric.values()) * 1e3:8.1f} {sum(c for _, c in per_metric.values()) * 1e3:8.1f}")
     print(f"  {'compute_all':11s} {total[0] * 1e3:8.1f} {total[1] * 1e3:8.1f}  ({1.0 / total[0]:.1f} images/s wall)")
 
-    try:
-        import torch
-
-        torch_threads = torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        torch_threads = None
     result = {
         "benchmark": "metrics",
         "image": source,
@@ -95,18 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_seconds_per_metric": {k: c for k, (_, c) in per_metric.items()},
         "seconds_compute_all": total[0],
         "cpu_seconds_compute_all": total[1],
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "load_average_1min": load,
-            "opencv_threads": cv2.getNumThreads(),
-            "torch_threads": torch_threads,
-            "numpy": np.__version__,
-            "opencv": cv2.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "device": "cpu",
-        },
+        "machine": provenance(load_before, opencv_threads=cv2.getNumThreads(), device="cpu"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

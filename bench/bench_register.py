@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -102,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default: 2)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per (checkout, mode) (default: 2)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from pipeline.common.atomic_io import write_json
+    from pipeline.common.machine import provenance
+
     if not (args.raw / "ir").is_dir() or not (args.raw / "vi").is_dir():
         parser.error(f"--raw {args.raw}: no ir/ and vi/ folders")
-    results = []
+    results, load_before = [], os.getloadavg()
     for code in [ROOT, *args.code]:
         modern = (code / "pipeline" / "data" / "register.py").is_file()
         for align in args.align if modern else ["legacy"]:
@@ -115,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{str(code):<40} {rec['align']:<8} {rec['pairs']} pairs: best {rec['best_s']:.2f} s, "
                   f"median {rec['median_s']:.2f} s -> {rec['pairs_per_s']:.1f} pairs/s ({rec['corrected']} corrected); "
                   f"plain loop {1000 * rec['loop_cpu_s_per_pair']:.0f} ms CPU per pair")
-    out = ROOT / "bench" / "results" / "register.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "num_cpus": args.num_cpus,
-                               "raw": str(args.raw), "results": results}, indent=2) + "\n")
+    out = write_json(ROOT / "bench" / "results" / "register.json", {
+        "machine": provenance(load_before, ray_cpus=args.num_cpus), "raw": str(args.raw), "results": results})
     print(f"wrote {out}")
     return 0
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -173,7 +172,7 @@ def main() -> int:
 
     from pipeline.common.config import load_params
     from pipeline.common.atomic_io import write_json
-    from pipeline.common.machine import describe_machine
+    from pipeline.common.machine import provenance
     from pipeline.train.losses import loss_section
 
     torch.set_num_threads(args.threads)
@@ -214,9 +213,7 @@ def main() -> int:
                       f"loss values max rel. diff {runs['loss_max_rel_diff_vs_baseline']:.1e}", flush=True)
     report = {"ceiling_gflops_fp32_2048": ceiling, "conv_ceiling_gflops_fp32": conv_peak, "threads": args.threads,
               "results": results,
-              "machine": {"description": describe_machine(), "torch": torch.__version__,
-                          "python": platform.python_version(), "loadavg_before": load_before,
-                          "loadavg_after": os.getloadavg()}}
+              "machine": provenance(load_before, torch_threads=args.threads)}
     out = write_json(args.out, report)
     print(f"wrote {out} (load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f})")
     return 0

@@ -41,7 +41,6 @@ import cProfile
 import dataclasses
 import json
 import os
-import platform
 import pstats
 import socket
 import sys
@@ -420,11 +419,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import ray
-    import torch
 
     from pipeline.common.config import load_params, section
     from pipeline.common.atomic_io import write_json
-    from pipeline.common.machine import describe_machine
+    from pipeline.common.machine import provenance
     from pipeline.model.network import model_config
     from pipeline.train.losses import loss_section
 
@@ -513,9 +511,7 @@ def main() -> int:
         "results": res, "ratios_to_plain": ratios, "targets": TARGETS, "verdicts": verdicts,
         "data": source, "model": {"name": name, "args": margs}, "batch_size_per_worker": args.batch_size,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.repeats,
-        "machine": {"description": describe_machine(), "cores": cores, "torch": torch.__version__, "ray": ray.__version__,
-                    "python": platform.python_version(), "device": "cpu",
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": provenance(load_before, ray_cpus=cores, device="cpu"),
     }
     out = write_json(args.out, report)
     print(f"wrote {out} (load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f})")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
+from typing import Any, Sequence
+
+#: Libraries whose versions :func:`provenance` records, when the process has loaded them.
+_LIBRARIES = ("torch", "numpy", "cv2", "pyarrow", "ray", "mlflow")
 
 
 def cpu_model() -> str:
@@ -23,6 +28,33 @@ def describe_machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu_model()}), {platform.system()} {platform.release()}"
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks / container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def provenance(load_before: Sequence[float] | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``machine`` record of every ``bench/`` result: the machine, the library versions loaded,
+    and the load average before the measurement (``load_before``, from ``os.getloadavg()``) and now,
+    since other processes distort the figures. ``extra`` adds the script's own settings (threads...)."""
+    record: dict[str, Any] = {
+        "description": describe_machine(),
+        "cpu": cpu_model(),
+        "cores_available": available_cores(),
+        "os_cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {name: str(getattr(sys.modules[name], "__version__", "?")) for name in _LIBRARIES if name in sys.modules},
+    }
+    if load_before is not None:
+        record["load_average_before"] = [round(x, 2) for x in load_before]
+    record["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    return {**record, **extra}
+
+
 def use_huge_pages() -> bool:
     """Ask PyTorch to put large CPU tensors on 2 MB transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``):
     far fewer page faults for the network's feature maps (1.0x -> ~1.5x of the matmul ceiling at
@@ -30,8 +62,6 @@ def use_huge_pages() -> bool:
     so call this before torch allocates anything; processes started afterwards (a local Ray's
     workers) inherit it. Returns False when torch was already imported (then it may come too late).
     An explicit ``THP_MEM_ALLOC_ENABLE`` in the environment wins."""
-    import sys
-
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return "torch" not in sys.modules
 

@@ -33,7 +33,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.common.machine import available_cores
 from pipeline.data.images import merge_luma, split_luma
 from pipeline.model.network import SIZE_MULTIPLE, fused_inference
 from pipeline.model.weights import load_model
@@ -50,14 +50,6 @@ log = logging.getLogger(__name__)
 
 #: Accepted values of ``postprocess``.
 POSTPROCESS_MODES: tuple[str, ...] = ("minmax", "clip")
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks / container CPU sets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def set_threads(threads: int | None = None) -> int:

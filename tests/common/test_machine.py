@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from pipeline.common.machine import describe_machine
+from pipeline.common.machine import available_cores, describe_machine, provenance
 
 
 def _child(code: str, env_extra: dict[str, str] | None = None) -> str:
@@ -20,6 +20,16 @@ def _child(code: str, env_extra: dict[str, str] | None = None) -> str:
 
 def test_describe_machine_names_the_cores():
     assert describe_machine().startswith(f"{os.cpu_count()} CPU cores (")
+
+
+def test_provenance_records_machine_versions_and_load():
+    import numpy
+
+    record = provenance([7.0, 6.0, 5.0], threads=3)
+    assert record["description"] == describe_machine() and record["cores_available"] == available_cores() >= 1
+    assert record["versions"]["numpy"] == numpy.__version__  # loaded libraries only, with their versions
+    assert record["load_average_before"] == [7.0, 6.0, 5.0] and len(record["load_average_after"]) == 3
+    assert record["threads"] == 3 and "load_average_before" not in provenance()
 
 
 def test_use_huge_pages_before_and_after_torch():
