@@ -93,9 +93,32 @@ def _dirty() -> str:
     return out.stdout.strip()
 
 
-def _queue_busy() -> bool:
-    out = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
-    return any(word in line for line in out.splitlines() for word in ("Queued", "Running"))
+#: ``dvc queue status`` may fail now and then (a lock held by a running experiment): so many
+#: failures in a row end the wait with its error.
+QUEUE_STATUS_ATTEMPTS = 10
+
+
+def wait_for_queue(poll_s: float = 20.0, attempts: int = QUEUE_STATUS_ATTEMPTS) -> float:
+    """Wait until the DVC queue has no queued or running experiment; returns the seconds waited.
+
+    A failed ``dvc queue status`` counts as busy (it used to end the wait, and the report then
+    missed the experiments still running); ``attempts`` failures in a row raise ``RuntimeError``
+    with its message.
+    """
+    t0, failures = time.time(), 0
+    while True:
+        done = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True)
+        if done.returncode != 0:
+            failures += 1
+            message = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            if failures >= attempts:
+                raise RuntimeError(f"`dvc queue status` failed {failures} times in a row: {message[0]}")
+            log.warning("ablations: `dvc queue status` failed (%s); still waiting", message[0])
+        else:
+            failures = 0
+            if not any(word in line for line in done.stdout.splitlines() for word in ("Queued", "Running")):
+                return time.time() - t0
+        time.sleep(poll_s)
 
 
 def stage_env() -> dict[str, str]:
@@ -135,10 +158,7 @@ def run_grid(args: argparse.Namespace) -> int:
     if args.no_wait:
         print("queued; follow with `dvc queue status`, then `mda ablations report`")
         return 0
-    t0 = time.time()
-    while _queue_busy():
-        time.sleep(20)
-    log.info("ablations: queue done in %.0f s", time.time() - t0)
+    log.info("ablations: queue done in %.0f s", wait_for_queue())
     command = "mda ablations run" + "".join(" " + a for a in sys.argv[sys.argv.index("run") + 1:]) \
         if "run" in sys.argv else "mda ablations run"
     code = run_report(argparse.Namespace(json=None, tag=args.tag, md=args.md, png=args.png, record_command=command))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
-import yaml
 
 from conftest import REPO
 from pipeline.evaluate import ablations as ab
@@ -216,3 +216,34 @@ def test_run_dry_run_prints_the_dvc_commands(tmp_path, monkeypatch, capsys):
     assert lines[0].startswith("dvc exp run --queue -n abl-full-t -S ")
     assert "-S model.args.scales=1" in lines[1] and f"-S register.raw_dir={tmp_path / 'raw'}" in lines[1]
     assert not (tmp_path / "raw").exists()  # a dry run builds nothing
+
+
+def _dvc_on_path(tmp_path, monkeypatch, body: str) -> None:
+    """A ``dvc`` executable (shell script ``body``) first on PATH, counting its calls in ``calls``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    dvc = bin_dir / "dvc"
+    dvc.write_text(f'#!/bin/sh\necho x >> "{tmp_path}/calls"\nn=$(wc -l < "{tmp_path}/calls")\n{body}\n')
+    dvc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_wait_for_queue_outlasts_a_failed_status(tmp_path, monkeypatch):
+    """A failing ``dvc queue status`` (a lock) no longer ends the wait while experiments still run."""
+    from pipeline.cli.ablations import wait_for_queue
+
+    _dvc_on_path(tmp_path, monkeypatch, """case $n in
+  1) echo "ERROR: Unable to acquire lock" >&2; exit 1;;
+  2) printf 'Task     Name        Created    Status\\n1a2b3c4  abl-full    10:00 AM   Running\\n';;
+  *) printf 'Task     Name        Created    Status\\n1a2b3c4  abl-full    10:00 AM   Success\\n';;
+esac""")
+    assert wait_for_queue(poll_s=0) >= 0
+    assert len((tmp_path / "calls").read_text().splitlines()) == 3
+
+
+def test_wait_for_queue_gives_up_on_a_status_that_always_fails(tmp_path, monkeypatch):
+    from pipeline.cli.ablations import wait_for_queue
+
+    _dvc_on_path(tmp_path, monkeypatch, 'echo "ERROR: Unable to acquire lock" >&2; exit 1')
+    with pytest.raises(RuntimeError, match="failed 3 times in a row: ERROR: Unable to acquire lock"):
+        wait_for_queue(poll_s=0, attempts=3)
