@@ -1,6 +1,10 @@
-"""Dropping known noise from what Ray's workers print on the driver's console.
+"""Dropping known noise from what Ray prints on the driver's console.
 
-Ray forwards every worker's stdout/stderr to the driver and prints it there line by line with
+Two kinds. Ray Data's own log records in this process (a hint that its progress bars are off, a
+line per execution) are dropped by ``logging`` filters on the loggers that emit them
+(``quiet_ray_data``): the stages print their own progress and summary.
+
+And the workers' output: Ray forwards every worker's stdout/stderr to the driver and prints it there line by line with
 ``print``, not through Python logging, so a ``logging.Filter`` in the driver cannot see it and the
 process that logs it (Ray Train's detached placement-group cleaner actor) is not ours to
 configure. ``drop_lines`` swaps ``sys.stdout``/``sys.stderr`` for line filters while a block runs
@@ -10,6 +14,7 @@ other byte passes through unchanged (partial lines, such as progress bars, on ``
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TextIO
@@ -17,6 +22,35 @@ from typing import Any, Iterator, Sequence, TextIO
 #: Printed every few seconds by Ray Train V2's placement-group cleaner when the State API is slow
 #: (a loaded 2-core machine): harmless, the cleaner "continues to monitor".
 RAY_TRAIN_CONTROLLER_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+#: Ray Data's records dropped by ``quiet_ray_data``: logger name -> a fragment of the message.
+RAY_DATA_NOTICES = {
+    "ray.data._internal.progress": "Progress bars disabled",  # off on purpose (configure_data_context)
+    "ray.data._internal.execution.streaming_executor": "execution finished in",  # one per map
+}
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records whose message contains ``fragment``."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def quiet_ray_data() -> None:
+    """Drop ``RAY_DATA_NOTICES`` at the loggers that emit them, in this process (idempotent).
+
+    Dropped at the source, they are missing from Ray Data's ``ray-data.log`` too; everything
+    else Ray Data logs, warnings and errors included, is untouched."""
+    for name, fragment in RAY_DATA_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(_DropMessages(fragment))
 
 
 class LineFilter:

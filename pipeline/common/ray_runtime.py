@@ -28,6 +28,7 @@ from ray.data import DataContext
 from ray.exceptions import RayTaskError
 
 from pipeline.common.config import param
+from pipeline.common.log_filter import quiet_ray_data
 from pipeline.common.machine import release_free_memory, use_system_allocator
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ def configure_data_context() -> None:
       ``from_items -> map`` pipelines leaves the map with half the cores (measured on 2 cores: 28
       tasks of 0.2 s CPU took 6.1 s through Ray Data with reservation, 3.1 s without, 2.9 s as
       plain Ray tasks);
-    - no Ray progress bars or execution banners (the stages print their own progress);
+    - no Ray progress bars, execution banners or notices about them (the stages print their own
+      progress; ``log_filter.quiet_ray_data``);
     - a failing map re-raises the task's own exception (see ``_plain_task_errors``).
     """
 
@@ -169,6 +171,7 @@ def configure_data_context() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True
+    quiet_ray_data()
 
 
 def ray_options(params: Mapping[str, Any]) -> dict[str, Any]:

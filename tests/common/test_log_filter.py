@@ -20,3 +20,25 @@ def test_noise_lines_dropped_and_counted_other_output_intact(capsys):
     assert out.out == "done\n"
     assert out.err == "epoch 1: loss 0.5\nprogress 50%\r"
     assert [f.dropped for f in filters] == [1, 1]
+
+
+def test_quiet_ray_data_drops_only_its_notices():
+    import logging
+
+    from pipeline.common.log_filter import RAY_DATA_NOTICES, quiet_ray_data
+
+    quiet_ray_data()
+    quiet_ray_data()  # idempotent: one filter per logger
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    for name, fragment in RAY_DATA_NOTICES.items():
+        logger = logging.getLogger(name)
+        assert sum(type(f).__name__ == "_DropMessages" for f in logger.filters) == 1
+        logger.addHandler(handler)
+        try:
+            logger.warning("x %s y", fragment)
+            logger.warning("Task failed: out of memory")  # anything else still shows
+        finally:
+            logger.removeHandler(handler)
+    assert seen == ["Task failed: out of memory"] * len(RAY_DATA_NOTICES)
