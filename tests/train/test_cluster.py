@@ -185,13 +185,15 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
     inputs = make_train_inputs(tmp_path / "in", n_train=6)
     out = tmp_path / "out"
     storage = tmp_path / "ray_results" / "faulty"
+    earlier = set(_ray_train_worker_pids())  # workers of an earlier test that may still be exiting
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(_train, tmp_path, inputs, out, "faulty", epochs=4, num_workers=2, max_failures=2,
                              batch_size=2)
         _wait(lambda: future.done() or _registered_checkpoints(storage) >= 1, 300, "the first registered checkpoint",
               step=0.2)
         assert not future.done(), f"training ended before the fault could be injected: {future.exception()}"
-        pids = _wait(_ray_train_worker_pids, 30, "a Ray Train worker process", step=0.2)
+        pids = _wait(lambda: [p for p in _ray_train_worker_pids() if p not in earlier], 30,
+                     "a Ray Train worker process of this run", step=0.2)
         os.kill(pids[-1], signal.SIGKILL)
         summary = future.result(timeout=400)
     final = json.loads((out / "metrics" / "train.json").read_text())
