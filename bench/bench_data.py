@@ -13,25 +13,27 @@ so 4x and 16x are the same images, 4 and 16 times as many pairs.
 
 Each (mode, scale, CPUs) runs in a fresh child process: one run with memory sampling, then
 ``--repeat`` runs (default 3) without it whose median wall time gives the throughput (single runs
-differed by up to 10% on the same quiet machine). Timed: the steady state. Reported apart,
-not counted: Ray start-up (``ray.init``) and a warm-up run on the first pairs, two crop shards per
-CPU (every Ray or pool worker process starts and imports its libraries; the loop pays its imports
-there too). Peak
-memory (the sampled run) = the largest sum of PSS (shared pages split between processes, so the Ray object store is
-not counted twice) over the child's process tree (driver + raylet + GCS + workers for Ray, the
-pool's processes), sampled every second during that run (``TreeMemory``: a sample costs CPU,
-which is why the throughput runs are not sampled), split into driver, workers and Ray's daemons;
-beside it, the sum of each process's own peak RSS over all the runs, an upper bound that sampling
-cannot miss. CPU time is split between the
-driver process, the worker processes and Ray's own daemons (raylet, GCS, agents), and each pass's
-wall time and in-task time are recorded: the breakdown of where Ray's time goes.
+differed by up to 10% on the same quiet machine). Timed: the steady state. Reported apart, not
+counted: Ray start-up (``ray.init``) and a warm-up run on the first pairs, two crop shards per CPU
+(every Ray or pool worker process starts and imports its libraries; the loop pays its imports
+there too).
+
+Peak memory (the sampled run) = the largest sum of PSS (shared pages split between processes, so
+the Ray object store is not counted twice) over the child's process tree (driver + raylet + GCS +
+workers for Ray, the pool's processes), sampled every second during that run (``TreeMemory``: a
+sample costs CPU, which is why the throughput runs are not sampled), split into driver, workers
+and Ray's daemons; beside it, the sum of each process's own peak RSS over all the runs, an upper
+bound that sampling cannot miss. CPU time is split between the driver process, the worker
+processes and Ray's own daemons (raylet, GCS, agents), and each pass's wall time and in-task time
+are recorded: the breakdown of where Ray's time goes.
 
 Usage: ``python bench/bench_data.py [--dataset ../shared/data/RoadScene] [--scales 1 4 16]
 [--num-cpus 1 2] [--modes loop pool ray] [--repeat 3] [--merge]``. Defaults: ``--scales 1 4
 --num-cpus 2 --repeat 3`` (about 5 minutes on 2 cores; ``--num-cpus 1 2`` about 7); add 16x apart
 with ``--scales 16 --num-cpus 1 2 --repeat 1 --merge`` (about 7 minutes; ratios and memory growth
-are then computed over every run in the file). Pool runs only for 2 CPUs or more. Prints each figure with its ratio (Ray/loop,
-Ray/Pool, memory growth vs the smallest scale) and writes ``bench/results/data.json`` (``--out``).
+are then computed over every run in the file). Pool runs only for 2 CPUs or more. Prints each
+figure with its ratio (Ray/loop, Ray/Pool, memory growth vs the smallest scale) and writes
+``bench/results/data.json`` (``--out``).
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ Two kinds. Ray Data's own log records in this process (a hint that its progress 
 line per execution) are dropped by ``logging`` filters on the loggers that emit them
 (``quiet_ray_data``): the stages print their own progress and summary.
 
-And the workers' output: Ray forwards every worker's stdout/stderr to the driver and prints it there line by line with
-``print``, not through Python logging, so a ``logging.Filter`` in the driver cannot see it and the
-process that logs it (Ray Train's detached placement-group cleaner actor) is not ours to
-configure. ``drop_lines`` swaps ``sys.stdout``/``sys.stderr`` for line filters while a block runs
-(``trainer.fit()``): lines containing one of the given fragments are counted and dropped, every
-other byte passes through unchanged (partial lines, such as progress bars, on ``flush``).
+And the workers' output: Ray forwards every worker's stdout/stderr to the driver and prints it
+there line by line with ``print``, not through Python logging, so a ``logging.Filter`` in the
+driver cannot see it and the process that logs it (Ray Train's detached placement-group cleaner
+actor) is not ours to configure. ``drop_lines`` swaps ``sys.stdout``/``sys.stderr`` for line
+filters while a block runs (``trainer.fit()``): lines containing one of the given fragments are
+counted and dropped, every other byte passes through unchanged (partial lines, such as progress
+bars, on ``flush``).
 """
 
 from __future__ import annotations

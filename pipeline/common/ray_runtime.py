@@ -245,8 +245,8 @@ def map_groups(
 ) -> list[Any]:
     """Run ``fn(group, **fn_kwargs)`` for every group as one Ray Data execution; results in group order.
 
-    ``on_result(index, result)`` is called in this process as each group's result arrives (in the
-    order they finish), e.g. to advance a progress bar.
+    ``on_result(index, result)`` is called in this process as each group's result reaches it,
+    e.g. to advance a progress bar.
 
     One task per group (``from_items`` with one block per group, then ``map``), so the work is
     split exactly as planned by ``task_groups``. A group and its result travel pickled: they are
@@ -270,11 +270,12 @@ def map_groups(
     )
     rows, results = [], {}
     for row in ds.iter_rows():
+        index = int(row["index"])
+        results[index] = pickle.loads(row.pop("result"))  # the row keeps its timings only
         rows.append(row)
-        results[int(row["index"])] = pickle.loads(row["result"])
         if on_result is not None:
-            on_result(int(row["index"]), results[int(row["index"])])
-    if sorted(results) != list(range(len(groups))) or len(rows) != len(groups):  # one row per task; anything else is a Ray Data contract change
+            on_result(index, results[index])
+    if len(rows) != len(groups) or sorted(results) != list(range(len(groups))):  # one row per task; anything else is a Ray Data contract change
         raise RuntimeError(f"{name}: {len(groups)} tasks returned {len(rows)} results")
     info = {"name": name, "tasks": len(groups), "wall_s": time.perf_counter() - t0,
             "task_wall_s": float(sum(r["end"] - r["start"] for r in rows)),

@@ -54,11 +54,12 @@ class StepClock:
     def summary(self, skip: int = 0) -> dict[str, dict[str, float]]:
         """Per phase (and ``step``, their sum): median wall and CPU seconds over the steps after
         the first ``skip`` (warm-up)."""
-        steps = [{**st, "step": tuple(map(sum, zip(*st.values()))) if st else (0.0, 0.0)} for st in self.steps[skip:]]
-        names = list(dict.fromkeys(k for st in steps for k in st if k != "step")) + ["step"]
+        steps = self.steps[skip:]
+        per_name = {name: [st.get(name, (0.0, 0.0)) for st in steps] for name in dict.fromkeys(k for st in steps for k in st)}
+        per_name["step"] = [(sum(w for w, _ in st.values()), sum(c for _, c in st.values())) for st in steps]
         out: dict[str, dict[str, float]] = {}
-        for name in names:
-            times = np.array([st.get(name, (0.0, 0.0)) for st in steps] or [(0.0, 0.0)])
+        for name, pairs in per_name.items():
+            times = np.array(pairs or [(0.0, 0.0)])  # (steps, 2): wall, CPU
             out[name] = {"wall_s": float(np.median(times[:, 0])), "cpu_s": float(np.median(times[:, 1]))}
         return out
 
