@@ -1,6 +1,6 @@
 """``mda ablations``: the paper's ablations as one DVC experiment grid, and its table and chart.
 
-    mda ablations data      # the grid's raw folder: links to the CPU recipe's data (recipes/cpu.yaml)
+    mda ablations data      # the grid's raw folder: links to the CPU recipe's data (recipes/cpu/params.yaml)
     mda ablations run       # queue one `dvc exp run` per variant, `dvc queue start`, wait, report
     mda ablations report    # dvc exp show --json -> docs/ablations.md + docs/ablations.png
     mda ablations cost      # parameters and GFLOPs of every variant's network
@@ -25,7 +25,7 @@ from pipeline.common.machine import describe_machine
 log = logging.getLogger(__name__)
 
 DEFAULT_RAW = Path("data/ablation_raw")
-DEFAULT_RECIPE = Path("recipes/cpu.yaml")
+DEFAULT_RECIPE = Path("recipes/cpu/params.yaml")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

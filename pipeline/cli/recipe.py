@@ -1,62 +1,46 @@
-"""``mda recipe``: the CPU training recipe (train on RoadScene + MSRS + TNO outside TNO-25, score
-TNO-25 against the authors' weights, the pixel average and the pixel maximum).
+"""``mda recipe``: run a recipe pipeline with DVC (default: the CPU recipe, ``recipes/cpu/dvc.yaml``).
 
 Examples::
 
-    mda recipe                                  # recipes/cpu.yaml -> runs/recipe/
-    mda recipe --out runs/try -S train.steps=200 -S train.lr=5e-4
-    mda recipe --smoke --out /tmp/smoke         # a few pairs and steps, seconds
+    mda recipe                    # dvc repro recipes/cpu/dvc.yaml: the shipped model, from the data
+    mda recipe --dry              # print what DVC would run
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import shutil
+import subprocess
 
-#: the recipe shipped as models/pretrained/ (its card's ``command`` runs this file)
-DEFAULT_CONFIG = "recipes/cpu.yaml"
+#: the recipe whose ship stage writes models/pretrained/mda_cpu.pt (its card's ``command``)
+DEFAULT_RECIPE = "recipes/cpu/dvc.yaml"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``mda recipe``."""
     parser = subparsers.add_parser(
         "recipe",
-        help="train MDA with the CPU recipe and score it on TNO-25",
+        help="run a training recipe pipeline with DVC (default recipes/cpu/dvc.yaml)",
         description=(
-            "Train MDA with a recipe file (default recipes/cpu.yaml: its keys override the defaults "
-            "of pipeline.train.recipe, its loss: keys override params.yaml's loss section), then "
-            "fuse the pinned test pairs (TNO-25) with the trained model, the authors' weights, the "
-            "pixel average and the pixel maximum, score them with the project's evaluator and write "
-            "OUT/table.md, OUT/summary.json, OUT/model_card.json and OUT/model.pt. Paths are "
-            "relative to the current folder (the repository root, with ../shared beside it)."
+            "Run a recipe pipeline with `dvc repro` from the repository root (with ../shared beside "
+            "it): gather, register, crop and stats on Ray Data, training on Ray Train, evaluation on "
+            "TNO-25 beside the authors' weights and the pixel baselines, promotion in the MLflow "
+            "registry, and the ship stage that writes models/pretrained/mda_cpu.pt and its card. "
+            "Parameters: the params.yaml beside the dvc.yaml; docs/training.md."
         ),
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
-                        help=f"recipe YAML (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--params", default="params.yaml", metavar="FILE",
-                        help="params.yaml giving the model and the base loss (default: params.yaml)")
-    parser.add_argument("-o", "--out", default="runs/recipe", metavar="DIR",
-                        help="output folder (default: runs/recipe)")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key (YAML value), e.g. -S train.steps=200; repeatable")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a fast check: 2 pairs per training set, 4 test pairs, 6 steps of 2 patches")
-    parser.add_argument("--evaluate-only", metavar="CKPT", type=Path, default=None,
-                        help="skip training; score this checkpoint")
+    parser.add_argument("pipeline", nargs="?", default=DEFAULT_RECIPE, help=f"dvc.yaml (default {DEFAULT_RECIPE})")
+    parser.add_argument("--dry", action="store_true", help="print the commands without running them")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the recipe; returns the exit code."""
-    from pipeline.common.config import load_params
-    from pipeline.train.recipe import load_recipe, run_recipe
-
-    cfg = load_recipe(args.config, args.overrides, smoke=args.smoke)
-    params = load_params(args.params)
-    import shlex
-    import sys
-
-    command = shlex.join(["mda", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("mda") else "mda recipe"
-    run_recipe(cfg, params, args.out, evaluate_only=args.evaluate_only, command=command)
-    return 0
+    """``dvc repro PIPELINE``; returns its exit code."""
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        print("mda recipe: error: dvc is not on PATH (pip install -e . installs it)")
+        return 2
+    cmd = [dvc, "repro", *(["--dry"] if args.dry else []), args.pipeline]
+    print("mda recipe: " + " ".join(["dvc", *cmd[1:]]))
+    return subprocess.call(cmd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
@@ -102,6 +103,8 @@ def param(
         raise ParamsError(f"params: '{full}' must be {_names(kinds)}, got a boolean")
     if not isinstance(value, kinds):
         raise ParamsError(f"params: '{full}' must be {_names(kinds)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"params: '{full}' must be a finite number, got {value!r}")
     if choices is not None:
         allowed = list(choices)
         if value not in allowed:

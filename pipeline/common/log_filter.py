@@ -16,6 +16,7 @@ bars, on ``flush``).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TextIO
@@ -103,3 +104,20 @@ def drop_lines(*fragments: str) -> Iterator[list[LineFilter]]:
             if f._pending and not any(frag in f._pending for frag in fragments):
                 f.target.write(f._pending)
             f.target.flush()
+
+
+#: ``MDA_VERBOSE=1`` keeps the per-report and per-checkpoint lines of Ray Train's workers.
+VERBOSE_ENV = "MDA_VERBOSE"
+
+
+def quiet_ray_train_worker() -> None:
+    """In a Ray Train worker: Ray's "Reporting training result ..." (the whole metrics dict, on
+    every worker and epoch) and "Checkpoint successfully created" lines go to DEBUG level, unless
+    ``MDA_VERBOSE`` is set. The stage prints its own per-epoch summary."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    import ray.train.v2._internal.execution.context as context
+    import ray.train.v2._internal.execution.storage as storage
+
+    for name in (context.__file__, storage.__name__, "ray.train._internal.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)

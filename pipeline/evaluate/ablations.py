@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.data.images import find_pairs
+from pipeline.data.gather import GatherConfig, gather
 from pipeline.model.network import build_model, model_config
 
 #: The 8 headline metrics of the table (all: higher is better), in published order.
@@ -435,45 +435,30 @@ def model_args_of(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- data
 def build_raw_folder(out: str | Path, root: str | Path, datasets: Sequence[str]) -> dict[str, int]:
-    """The grid's raw folder: ``out/{ir,vi}/<stem><ext>`` symbolic links to every pair of
-    ``root/<dataset>/{ir,vi}`` (the CPU recipe's data: RoadScene, MSRS, TNO; the TNO-25 test pairs
-    are pinned to the test split by ``crop.test_list``). Stems must be unique across datasets.
+    """The grid's raw folder: ``out/{ir,vi}/`` links to every pair of ``root/<dataset>/{ir,vi}``
+    (``pipeline.data.gather``, as the CPU recipe's gather stage). Returns dataset -> pairs linked."""
 
-    Returns:
-        dataset -> number of pairs linked.
-    """
-
-    out, root = Path(out), Path(root)
-    seen: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    links: list[tuple[Path, Path]] = []
-    for ds in datasets:
-        pairs = find_pairs(root / ds / "ir", root / ds / "vi")[0]
-        counts[ds] = len(pairs)
-        for p in pairs:
-            if p.stem in seen:
-                raise ValueError(f"pair '{p.stem}' is in both {seen[p.stem]} and {ds}")
-            seen[p.stem] = ds
-            links += [(out / "ir" / Path(p.ir).name, Path(p.ir)), (out / "vi" / Path(p.vi).name, Path(p.vi))]
-    for sub in ("ir", "vi"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for old in (out / sub).iterdir():
-            if old.is_symlink():
-                old.unlink()
-    for link, target in links:
-        link.symlink_to(target.resolve())
-    return counts
+    return gather(GatherConfig(root=str(root), datasets=tuple(datasets)), out)
 
 
 def recipe_data(path: str | Path) -> dict[str, Any]:
-    """The ``data:`` section of a recipe file (``recipes/cpu.yaml``): ``root``, ``train_sets``,
-    ``test_set``, ``test_list`` (paths relative to the repository)."""
+    """The data of a recipe's ``params.yaml`` (``recipes/cpu/params.yaml``): ``root``,
+    ``train_sets`` (its ``gather.datasets``), ``test_set`` (the dataset of its ``crop.test_list``)
+    and ``test_list``, with paths made relative to the current folder."""
 
-    data = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
-    missing = [k for k in ("root", "train_sets", "test_set", "test_list") if k not in data]
-    if missing:
-        raise ValueError(f"{path}: data section lacks {missing}")
-    return data
+    path = Path(path)
+    params = yaml.safe_load(path.read_text()) or {}
+    gather_cfg, crop = params.get("gather") or {}, params.get("crop") or {}
+    if not gather_cfg.get("root") or not gather_cfg.get("datasets") or not crop.get("test_list"):
+        raise ValueError(f"{path}: needs gather.root, gather.datasets and crop.test_list")
+    here = path.parent
+
+    def rel(p: str) -> str:
+        return os.path.relpath(os.path.normpath(here / p)) if not os.path.isabs(p) else p
+
+    test_list = rel(crop["test_list"])
+    return {"root": rel(gather_cfg["root"]), "train_sets": list(gather_cfg["datasets"]),
+            "test_set": Path(test_list).parent.name, "test_list": test_list}
 
 
 def load_exp_show(text: str) -> list[ExpRecord]:

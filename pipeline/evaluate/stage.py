@@ -200,10 +200,12 @@ def fuse_average(ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
         vi: ``uint8`` BGR (H, W, 3) or gray (H, W).
 
     Returns:
-        ``uint8`` like ``vi``: ``round((ir + Y) / 2)`` with the visible chroma.
+        ``uint8`` like ``vi``: ``floor((ir + Y) / 2)`` (integer halving) with the visible chroma.
+        Rounding half to even instead (``np.round``) puts every odd sum on an even level and
+        lowers EN by about 0.2 on TNO-25 (6.23 against 6.42, the value of the published tables).
     """
     y, crcb = split_luma(vi)
-    fused = np.round((ir.astype(np.float32) + y.astype(np.float32)) / 2.0).astype(np.uint8)
+    fused = ((ir.astype(np.uint16) + y.astype(np.uint16)) // 2).astype(np.uint8)
     return merge_luma(fused, crcb)
 
 

@@ -27,6 +27,7 @@ cloudpickled object: loading it runs our source, never unpickles a Python object
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,31 @@ from pipeline.model.inference import Fuser
 MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")
 
 
+#: Largest image the served model fuses (pixels per image; ``MDA_SERVE_MAX_PIXELS`` overrides).
+#: Fusing one pair takes about 0.6 KB of memory per pixel on CPU (a 4000x4000 pair reached 9 GiB),
+#: so the default 4 MP keeps a worker near 2.5 GiB; larger requests get a 400 before any work.
+MAX_PIXELS_ENV = "MDA_SERVE_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 4_000_000
+
+
+def max_pixels() -> int:
+    """The pixel limit in force (``MDA_SERVE_MAX_PIXELS`` or the default)."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    return int(value) if value and value.isdigit() and int(value) > 0 else DEFAULT_MAX_PIXELS
+
+
 def _as_u8(value: Any, name: str, row: int) -> np.ndarray:
     arr = np.asarray(value)
+    if arr.ndim >= 2 and arr.shape[0] * arr.shape[1] > max_pixels():
+        raise ValueError(f"row {row}: '{name}' has {arr.shape[0]}x{arr.shape[1]} pixels, over the limit of "
+                         f"{max_pixels()} ({MAX_PIXELS_ENV})")
     if arr.dtype == object or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise ValueError(f"row {row}: '{name}' must be an (H, W) or (H, W, 3) array of 0-255 values, got shape {arr.shape}")
     if arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.number) or arr.size == 0:
             raise ValueError(f"row {row}: '{name}' must hold numbers 0-255")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"row {row}: '{name}' holds NaN or infinite values")
         if float(arr.min()) < 0 or float(arr.max()) > 255:
             raise ValueError(f"row {row}: '{name}' values must be within 0-255, got {arr.min()}..{arr.max()}")
         arr = np.rint(arr).astype(np.uint8)

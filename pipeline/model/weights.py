@@ -224,7 +224,9 @@ def _load_checkpoint(obj: Mapping[str, Any], path: Path) -> tuple[nn.Module, dic
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: state dict does not match model '{obj['name']}': {exc}") from exc
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        raise ValueError(f"{path}: state dict does not match model '{obj['name']}' {dict(obj['args'])}: "
+                         f"{' '.join(lines)[:600] or exc}") from exc
     meta = dict(obj["meta"])
     post = meta.get("postprocess", DEFAULT_POSTPROCESS["checkpoint"])
     info = {"name": obj["name"], "args": dict(obj["args"]), "source": str(path), "kind": "checkpoint",
@@ -263,6 +265,10 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{path}: unknown weights content (neither a {CHECKPOINT_FORMAT} checkpoint nor the "
             "authors' MDA fusion_model.pth)"
         )
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. '{bad[0]}'): "
+                         "the weights of a diverged run; choose another checkpoint")
     model.eval()
     return model, info
 

@@ -1,8 +1,9 @@
 """Training and validation data for the ``train`` stage.
 
-Training reads the patch table of the ``stats`` stage (``data/stats/patches/part-*.parquet``) with
-Ray Data, keeps the ``split == "train"`` rows and turns each batch into float tensors on the
-worker (``PatchCollate``). Validation uses whole registered images of the ``val`` pairs
+Training reads, by ``train.sampler``, either the patch table of the ``stats`` stage
+(``data/stats/patches/part-*.parquet``) with Ray Data, keeping the ``split == "train"`` rows and
+turning each batch into float tensors on the worker (``PatchCollate``), or the whole registered
+``train`` images, from which each worker draws random crops with flips (``CropSampler``). Validation uses whole registered images of the ``val`` pairs
 (``data/registered`` + ``data/patches/split.json``) with the image-level adaptive weights of
 ``data/stats/images.parquet``.
 """
@@ -244,24 +245,95 @@ def load_val_pairs(
     ids = sorted(val_pair_ids(split_json))
     if max_pairs is not None:
         ids = ids[:max_pairs]
+    return load_pairs(registered_dir, ids, images_parquet)
+
+
+def load_train_pairs(registered_dir: str | Path, split_json: str | Path, images_parquet: str | Path) -> list[ValPair]:
+    """The whole registered images of the ``train`` pairs with their image-level weights
+    (``train.sampler: crops``), sorted by id; as :func:`load_val_pairs`."""
+    return load_pairs(registered_dir, sorted(read_split(split_json)["train"]), images_parquet)
+
+
+def load_pairs(registered_dir: str | Path, ids: Sequence[str], images_parquet: str | Path) -> list[ValPair]:
+    """Whole registered pairs ``ids`` with their image-level weights from the stats stage's
+    ``images.parquet``.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing file or a pair absent from the table (named).
+    """
     if not ids:
         return []
     images_parquet = Path(images_parquet)
     if not images_parquet.is_file():
         raise FileNotFoundError(f"per-pair statistics not found: {images_parquet} (run the stats stage)")
     table = pq.read_table(images_parquet).to_pandas().set_index("pair_id")
+    prefix = "w_" if all(f"w_{k}" in table.columns for k in WEIGHT_KEYS) else "img_w_"
+    missing = [f"{prefix}{k}" for k in WEIGHT_KEYS if f"{prefix}{k}" not in table.columns]
+    if missing:
+        raise ValueError(f"{images_parquet}: lacks the image weight column(s) {missing} (w_int_ir, ... expected)")
     registered_dir = Path(registered_dir)
     pairs = []
     for stem in ids:
         if stem not in table.index:
-            raise ValueError(f"{images_parquet}: no row for val pair '{stem}'")
+            raise ValueError(f"{images_parquet}: no row for pair '{stem}'")
         row = table.loc[stem]
-        prefix = "w_" if all(f"w_{k}" in table.columns for k in WEIGHT_KEYS) else "img_w_"
-        missing = [f"{prefix}{k}" for k in WEIGHT_KEYS if f"{prefix}{k}" not in table.columns]
-        if missing:
-            raise ValueError(f"{images_parquet}: lacks the image weight column(s) {missing} (w_int_ir, ... expected)")
         weights = {k: float(row[f"{prefix}{k}"]) for k in WEIGHT_KEYS}
         ir, vi = read_registered_pair(registered_dir, stem)
         vi_y, crcb = split_luma(vi)
         pairs.append(ValPair(stem, ir, vi_y, crcb, weights))
     return pairs
+
+
+class CropSampler:
+    """Random crops with flips of whole training images (``train.sampler: crops``).
+
+    Each call draws ``batch`` pairs (``pairs``: each pair equally likely, so a small dataset is
+    not drowned by a large one's pixels; ``area``: in proportion to its pixels), a uniformly
+    placed ``size`` x ``size`` crop of each and a horizontal flip with probability 1/2. The loss
+    weights are the pair's image-level weights. Seeded: the same pairs, size and seed give the
+    same batches.
+
+    Returns batches as :func:`decode_patches` does, as tensors on ``device``.
+
+    Raises:
+        ValueError: no pair is at least ``size`` pixels on each side (named).
+    """
+
+    def __init__(self, pairs: Sequence[ValPair], size: int, batch: int, pair_sampling: str = "pairs",
+                 seed: int = 0, device: Any = "cpu") -> None:
+        self.pairs = [p for p in pairs if min(p.ir.shape) >= size]
+        if not self.pairs:
+            raise ValueError(f"no training pair is at least train.crop_size={size} px on each side "
+                             f"({len(pairs)} pairs)")
+        if pair_sampling == "pairs":
+            p = np.ones(len(self.pairs))
+        elif pair_sampling == "area":
+            p = np.array([pair.ir.size for pair in self.pairs], dtype=np.float64)
+        else:
+            raise ValueError(f"train.pair_sampling must be 'pairs' or 'area', got {pair_sampling!r}")
+        self.p = p / p.sum()
+        self.size, self.batch, self.device = size, batch, device
+        self.rng = np.random.default_rng(seed)
+        self.skipped = len(pairs) - len(self.pairs)
+
+    def __iter__(self) -> "CropSampler":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        s, rng = self.size, self.rng
+        irs, vis, weights = [], [], []
+        for i in rng.choice(len(self.pairs), size=self.batch, p=self.p):
+            pair = self.pairs[i]
+            h, w = pair.ir.shape
+            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            a, b = pair.ir[y:y + s, x:x + s], pair.vi_y[y:y + s, x:x + s]
+            if rng.random() < 0.5:
+                a, b = a[:, ::-1], b[:, ::-1]
+            irs.append(a)
+            vis.append(b)
+            weights.append([pair.weights[k] for k in WEIGHT_KEYS])
+        out = {"ir": np.stack(irs)[:, None], "vi": np.stack(vis)[:, None]}
+        tensors = {k: torch.from_numpy(v.astype(np.float32) / np.float32(255.0)) for k, v in out.items()}
+        w = np.asarray(weights, dtype=np.float32)
+        tensors.update({k: torch.from_numpy(w[:, j].copy()) for j, k in enumerate(WEIGHT_KEYS)})
+        return {k: t.to(self.device) for k, t in tensors.items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import socket
 import threading
 import time
@@ -31,10 +32,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 import pipeline
 from pipeline.common.atomic_io import atomic_writer, copy_atomic, write_json
-from pipeline.common.config import section
+from pipeline.common.config import ParamsError, section
 from pipeline.common.log_filter import RAY_TRAIN_CONTROLLER_NOISE, drop_lines
 from pipeline.common.ray_runtime import ray_options, ray_session, resolve_address
-from pipeline.model.network import model_config
+from pipeline.data.contracts import read_split
+from pipeline.model.network import build_model, model_config
+from pipeline.model.weights import load_model
 from pipeline.model.pyfunc import log_fusion_model
 from pipeline.train.data import count_train_patches, load_val_pairs, train_dataset
 from pipeline.train.losses import FusionLoss, loss_section
@@ -162,21 +165,65 @@ def _worker_config(params: Mapping[str, Any], settings: TrainSettings, paths: Tr
                   "max_pairs": settings.val_max_pairs}
     if not load_val_pairs(**val_kwargs):  # fail fast (and with the file's name) before Ray starts
         raise ValueError(f"{paths.split_json}: no 'val' pairs; training validates on them (raise crop.fractions.val)")
-    n_train = count_train_patches(paths.patches_dir)
-    if settings.max_train_patches is not None:
-        n_train = min(n_train, settings.max_train_patches)
-    steps_per_epoch = n_train // (settings.batch_size * settings.num_workers)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{paths.patches_dir}: {n_train} training patches are fewer than train.batch_size "
-            f"({settings.batch_size}) x train.num_workers ({settings.num_workers})"
-        )
     init = settings.init_weights
-    if init is not None and not Path(init).is_file():
-        raise FileNotFoundError(f"train.init_weights: {init} not found")
+    if init is not None:
+        check_init_weights(init, model_name, model_args)
+    train_pairs = {"registered_dir": val_kwargs["registered_dir"], "split_json": val_kwargs["split_json"],
+                   "images_parquet": val_kwargs["images_parquet"]}
+    steps_per_epoch, total_steps = plan_steps(settings, paths)
     return {"settings": asdict(settings), "model_name": model_name, "model_args": model_args, "loss": loss_cfg,
-            "val": val_kwargs, "steps_per_epoch": steps_per_epoch,
-            "init_weights": str(Path(init).resolve()) if init is not None else None}
+            "val": val_kwargs, "train_pairs": train_pairs, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "init_weights": str(Path(init).resolve()) if init is not None else None}
+
+
+def plan_steps(settings: TrainSettings, paths: TrainPaths) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``: with ``train.steps``, that many optimiser steps in
+    ``train.epochs`` rounds; without it, ``train.epochs`` passes over the training patches.
+
+    Raises:
+        ValueError: too few training patches or pairs for one batch per worker (named).
+    """
+    if settings.sampler == "crops":
+        n_pairs = len(read_split(paths.split_json)["train"])
+        if n_pairs == 0:
+            raise ValueError(f"{paths.split_json}: no 'train' pairs (train.sampler: crops draws crops of them)")
+        if settings.steps is None:
+            raise ParamsError("params: 'train.steps' must be set with train.sampler: crops (it has no epochs of data)")
+    else:
+        n_train = count_train_patches(paths.patches_dir)
+        if settings.max_train_patches is not None:
+            n_train = min(n_train, settings.max_train_patches)
+        if n_train < settings.batch_size * settings.num_workers:
+            raise ValueError(
+                f"{paths.patches_dir}: {n_train} training patches are fewer than train.batch_size "
+                f"({settings.batch_size}) x train.num_workers ({settings.num_workers})"
+            )
+        if settings.steps is None:
+            per_epoch = n_train // (settings.batch_size * settings.num_workers)
+            return per_epoch, per_epoch * settings.epochs
+    return math.ceil(settings.steps / settings.epochs), settings.steps
+
+
+def check_init_weights(path: str, model_name: str, model_args: Mapping[str, Any]) -> None:
+    """``train.init_weights`` exists, loads (finite) and fits ``model:``; checked before Ray starts.
+
+    Raises:
+        ParamsError: one line naming ``train.init_weights``, the two models and the way out.
+    """
+    if not Path(path).is_file():
+        raise ParamsError(f"params: 'train.init_weights': {path} not found")
+    restored, info = load_model(path)
+    probe = build_model(model_name, **model_args)
+    try:
+        if info["name"] != model_name:
+            raise RuntimeError(f"architecture {info['name']}")
+        probe.load_state_dict(restored.state_dict())
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise ParamsError(
+            f"params: 'train.init_weights': {path} holds {info['name']} {dict(info['args'])}, which does not fit "
+            f"model: {model_name} {dict(model_args)} ({first[:200]}); set train.init_weights: null to train "
+            "from scratch, or change model: back") from exc
 
 
 def _run_config(params: Mapping[str, Any], settings: TrainSettings, name: str, storage: Path) -> RunConfig:
@@ -201,15 +248,18 @@ def build_trainer(train_loop: Callable[[dict[str, Any]], None], config: dict[str
     ``train_loop_per_worker``; ``bench/bench_train.py``: its timed loop over the same pieces).
     Call inside the Ray session: the dataset is created here."""
     # ordered driver DataContext (set by train_dataset): limit() and materialize() keep file order
-    dataset = train_dataset(patches_dir, settings.max_train_patches, settings.sample_weights, seed=settings.seed)
-    if settings.materialize:  # read + filter once; epochs then iterate over the object store
-        dataset = dataset.materialize()
+    datasets = None
+    if settings.sampler == "patches":
+        dataset = train_dataset(patches_dir, settings.max_train_patches, settings.sample_weights, seed=settings.seed)
+        if settings.materialize:  # read + filter once; epochs then iterate over the object store
+            dataset = dataset.materialize()
+        datasets = {"train": dataset}
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
         scaling_config=scaling_config(settings, resources),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
-        datasets={"train": dataset},
+        datasets=datasets,
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=run_config,
     )
@@ -245,12 +295,16 @@ def _export(result: Result, settings: TrainSettings, paths: TrainPaths, client: 
         "best_metric": {"name": settings.checkpoint_metric, "value": best_value,
                         "epoch": int(best_metrics["epoch"])},
         "epochs": int(final.get("epoch", settings.epochs)),
+        "steps": int(final.get("global_step", 0)),
+        "stopped_by": "time" if final.get("stopped_by_time") else "steps",
+        "fit_time_s": round(fit_s, 1),
         "vgg_source": vgg_source,
         "worker_nodes": final.get("worker_nodes", ""),
     }
     metric_keys = [k for k in final if k.startswith(("train_", "val_")) and isinstance(final[k], (int, float))]
     metrics_out = {k: float(final[k]) for k in sorted(metric_keys)}
     metrics_out.update({f"best_{settings.checkpoint_metric}": best_value, "epochs": summary["epochs"],
+                        "steps": summary["steps"],
                         "fit_time_s": round(fit_s, 2), "stage_time_s": round(time.perf_counter() - t_start, 2)})
     write_json(paths.metrics_json, metrics_out)
     write_json(paths.summary_json, summary)

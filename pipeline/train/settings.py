@@ -15,6 +15,11 @@ VAL_METRICS = ("val_ssim", "val_qabf", "val_loss")
 MODEL_FILE = "model.pt"
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name and a safe MLflow filter value
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+#: ``train.sampler``: ``patches``: the stats stage's patch table through Ray Data (fixed patches,
+#: shuffled); ``crops``: random ``crop_size`` crops with flips of whole training images
+SAMPLERS = ("patches", "crops")
+#: ``train.pair_sampling`` (crops): ``pairs``: every pair equally likely; ``area``: by pixel count
+PAIR_SAMPLING = ("pairs", "area")
 
 
 def check_run_name(name: str | None, where: str = "train.run_name") -> str | None:
@@ -51,6 +56,11 @@ class TrainSettings:
     """
 
     epochs: int = setting(3, int, minimum=1)
+    steps: int | None = setting(None, int, minimum=1, allow_none=True)
+    max_seconds: float | None = setting(None, float, minimum=1.0, allow_none=True)
+    sampler: str = setting("patches", str, choices=SAMPLERS)
+    crop_size: int = setting(64, int, minimum=8)
+    pair_sampling: str = setting("pairs", str, choices=PAIR_SAMPLING)
     batch_size: int = setting(8, int, minimum=1)
     lr: float = setting(5e-4, float, minimum=0.0)
     weight_decay: float = setting(1e-4, float, minimum=0.0)
@@ -87,6 +97,10 @@ class TrainSettings:
             pipeline.common.config.ParamsError: naming ``train.<key>``.
         """
         return read_settings(cls, section(params, "train"), "train")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.lr <= 1.0:
+            raise ParamsError(f"params: 'train.lr' must be > 0 and <= 1, got {self.lr!r}")
 
     @property
     def checkpoint_mode(self) -> str:

@@ -93,23 +93,76 @@ def build_optimizer(model: Any, settings: TrainSettings) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused or None)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float, time_fraction: float = 0.0) -> float:
     """Learning-rate multiplier at optimiser step ``step`` (0-based): linear warm-up, then cosine
-    decay from 1 to ``min_ratio`` at ``total_steps``."""
+    decay from 1 to ``min_ratio``. The decay follows whichever budget runs out first: the steps
+    (``total_steps``) or the wall time (``time_fraction``, the share of ``train.max_seconds`` used)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    progress = min(1.0, max((step - warmup_steps) / span, time_fraction))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: Any, settings: TrainSettings, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``LambdaLR`` stepping once per optimiser step with ``lr_factor``."""
+class Schedule:
+    """The learning rate of every optimiser step (:func:`lr_factor` times ``train.lr``) and the two
+    budgets: ``total_steps`` optimiser steps and, when set, ``max_seconds`` of training.
 
-    def factor(step: int) -> float:
-        return lr_factor(step, total_steps, settings.warmup_steps, settings.min_lr_ratio)
+    ``step()`` after each optimiser step counts it and sets the next rate; with a wall-time budget
+    the loop calls ``update(seconds)`` before each step with the training seconds so far. ``done(seconds)`` says whether a budget
+    has run out. Its ``state_dict`` (steps and seconds done) goes into the checkpoints, so a resumed
+    run continues the same curve.
+    """
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def __init__(self, optimizer: Any, settings: TrainSettings, total_steps: int) -> None:
+        self.optimizer = optimizer
+        self.base_lr = settings.lr
+        self.total_steps = int(total_steps)
+        self.warmup_steps = settings.warmup_steps
+        self.min_ratio = settings.min_lr_ratio
+        self.max_seconds = settings.max_seconds
+        self.steps_done = 0
+        self.seconds_before = 0.0  # training seconds of earlier attempts (a resumed run)
+        self.seconds = 0.0  # training seconds of this attempt at the last update
+        self.update(0.0)
+
+    def time_fraction(self, seconds: float) -> float:
+        """Share of the wall-time budget used after ``seconds`` of this attempt (0 without one)."""
+        return (self.seconds_before + seconds) / self.max_seconds if self.max_seconds else 0.0
+
+    def update(self, seconds: float) -> float:
+        """Set the learning rate for the next step; returns it."""
+        self.seconds = seconds
+        lr = self.base_lr * lr_factor(self.steps_done, self.total_steps, self.warmup_steps, self.min_ratio,
+                                      self.time_fraction(seconds))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self) -> None:
+        self.steps_done += 1
+        self.update(self.seconds)
+
+    def done(self, seconds: float) -> str | None:
+        """``"steps"`` or ``"time"`` when that budget has run out, else ``None``."""
+        if self.steps_done >= self.total_steps:
+            return "steps"
+        if self.max_seconds and self.time_fraction(seconds) >= 1.0:
+            return "time"
+        return None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"steps_done": self.steps_done, "seconds_before": self.seconds_before + self.seconds}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.steps_done = int(state["steps_done"])
+        self.seconds_before = float(state["seconds_before"])
+        self.update(0.0)
+
+
+def build_scheduler(optimizer: Any, settings: TrainSettings, total_steps: int) -> Schedule:
+    """The run's :class:`Schedule` over ``total_steps`` optimiser steps."""
+    return Schedule(optimizer, settings, total_steps)
 
 
 def train_step(
@@ -161,7 +214,7 @@ def train_step(
     mark("clip")
     optimizer.step()
     if scheduler is not None:
-        scheduler.step()
+        scheduler.step()  # counts the step (the rate of the next one is set by Schedule.update)
     out = {"loss": float(total.detach()), **_floats(terms)}
     out["grad_norm"] = float(norm)
     out["lr"] = float(lr)

@@ -25,11 +25,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from pipeline.common.log_filter import quiet_ray_train_worker
 from pipeline.common.mlflow_store import log_metrics_batched
 from pipeline.data.images import write_image
 from pipeline.model.network import build_model
 from pipeline.model.weights import load_model, save_checkpoint
-from pipeline.train.data import PatchCollate, load_val_pairs
+from pipeline.train.data import CropSampler, PatchCollate, load_train_pairs, load_val_pairs
 from pipeline.train.losses import FusionLoss
 from pipeline.train.settings import MODEL_FILE, VAL_METRICS, TrainSettings
 from pipeline.train.step import (
@@ -56,6 +57,15 @@ def _all_reduce_sums(sums: dict[str, float], keys: list[str]) -> dict[str, float
         t = t.cuda()
     dist.all_reduce(t)
     return dict(zip(keys, t.cpu().tolist()))
+
+
+def _all_reduce_max(value: float) -> float:
+    """The largest ``value`` over all workers."""
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -168,32 +178,79 @@ class Job:
     start_epoch: int
     global_step: int
     clock: StepClock = NO_CLOCK  # a StepClock times every step's phases (the benchmarks)
+    started: float = 0.0  # time.perf_counter() when this attempt's training began (the time budget)
+    stopped_by: str | None = None  # "steps" or "time" once a budget has run out
+
+    def seconds(self) -> float:
+        """Training seconds of this attempt, the largest over the workers when a time budget is
+        set (so that every worker stops at the same step, as DDP needs)."""
+        elapsed = time.perf_counter() - self.started
+        if self.settings.max_seconds and self.world > 1:
+            elapsed = _all_reduce_max(elapsed)
+        return elapsed
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function (``TorchTrainer(train_loop_per_worker=...)``).
 
     ``config`` keys: ``settings`` (``TrainSettings`` as a dict), ``model_name``, ``model_args``,
-    ``loss`` (the ``loss:`` section), ``val`` (kwargs of ``load_val_pairs``), ``steps_per_epoch``,
-    ``mlflow_uri``, ``mlflow_run_id``, ``driver_host``.
+    ``loss`` (the ``loss:`` section), ``val`` (kwargs of ``load_val_pairs``), ``train_pairs``
+    (kwargs of ``load_train_pairs``, ``train.sampler: crops``), ``steps_per_epoch``,
+    ``total_steps``, ``mlflow_uri``, ``mlflow_run_id``, ``driver_host``.
+
+    An "epoch" is a round of ``steps_per_epoch`` optimiser steps followed by validation and a
+    checkpoint; the run ends after ``train.epochs`` rounds, or earlier when the wall-time budget
+    (``train.max_seconds``) runs out (then the current round is validated and checkpointed).
     """
+    quiet_ray_train_worker()
     s = TrainSettings(**config["settings"])
-    shard = ray.train.get_dataset_shard("train")  # first: Ray Data's split coordinator starts during prepare_job
+    # first: Ray Data's split coordinator starts during prepare_job
+    shard = ray.train.get_dataset_shard("train") if s.sampler == "patches" else None
     job = prepare_job(config, s)
     pairs = _val_pairs(config, job.rank, job.world)
-    collate = PatchCollate(job.device, s.sample_weights)
+    batches = _batches(job, shard)
+    job.started = time.perf_counter()
     for epoch in range(job.start_epoch, s.epochs + 1):
         t0 = time.perf_counter()
-        epoch_metrics = train_epoch(job, shard, collate, epoch)
+        epoch_metrics = train_epoch(job, batches, epoch)
         val_metrics, samples = validate_epoch(job, pairs)
         epoch_metrics.update(val_metrics)
         epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
         epoch_metrics.update(epoch=epoch, global_step=job.global_step, num_nodes=len(set(job.nodes)),
-                             resumed_from_epoch=job.start_epoch - 1)
+                             resumed_from_epoch=job.start_epoch - 1, stopped_by_time=float(job.stopped_by == "time"))
         if job.rank == 0:
             _log_epoch(job.tracker, epoch, epoch_metrics, samples)
         job.tracker.flush()  # the epoch's MLflow logging done (or its error raised) before its report
-        checkpoint_and_report(job, epoch, epoch_metrics)
+        last = epoch == s.epochs or job.stopped_by is not None
+        checkpoint_and_report(job, epoch, epoch_metrics, last=last)
+        if last:
+            break
+
+
+def _batches(job: Job, shard: Any) -> Callable[[int], Any]:
+    """``batches(epoch)``: an iterator of this worker's training batches for that epoch.
+
+    ``patches``: the shard of the patch table, passed over again as often as the epoch needs
+    (shuffled with ``seed + epoch`` and the pass); ``crops``: one endless :class:`CropSampler`
+    over the training pairs, seeded with ``train.seed`` and the worker's rank.
+    """
+    s = job.settings
+    if s.sampler == "crops":
+        pairs = load_train_pairs(**job.config["train_pairs"])
+        seed = s.seed * 1000 + job.rank + 100 * job.start_epoch  # a resumed run does not repeat its first crops
+        sampler = CropSampler(pairs, s.crop_size, s.batch_size, s.pair_sampling, seed=seed, device=job.device)
+        return lambda epoch: sampler
+    collate = PatchCollate(job.device, s.sample_weights)
+
+    def passes(epoch: int) -> Any:
+        for n in range(1_000_000):
+            seed = s.seed + epoch + 7919 * n
+            yield from shard.iter_torch_batches(
+                batch_size=s.batch_size, collate_fn=collate, drop_last=True,
+                local_shuffle_buffer_size=s.shuffle_buffer or None,
+                local_shuffle_seed=seed if s.shuffle_buffer else None)
+
+    return passes
 
 
 def prepare_job(config: dict[str, Any], s: TrainSettings) -> Job:
@@ -218,7 +275,7 @@ def prepare_job(config: dict[str, Any], s: TrainSettings) -> Job:
     model = prepare_for_training(model, device)  # channels-last on its device (faster convolutions, same maths)
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     optimizer = build_optimizer(model, s)
-    scheduler = build_scheduler(optimizer, s, int(config["steps_per_epoch"]) * s.epochs)
+    scheduler = build_scheduler(optimizer, s, int(config["total_steps"]))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -276,9 +333,10 @@ def _val_pairs(config: dict[str, Any], rank: int, world: int) -> list[Any]:
     return pairs[rank::world]
 
 
-def train_epoch(job: Job, shard: Any, collate: PatchCollate, epoch: int) -> dict[str, float]:
-    """One epoch of ``steps_per_epoch`` optimiser steps on this worker's shard (the same count on
-    every worker, as DDP needs); rank 0 logs ``train/*`` every ``log_every_steps`` steps.
+def train_epoch(job: Job, batches: Callable[[int], Any], epoch: int) -> dict[str, float]:
+    """One round of ``steps_per_epoch`` optimiser steps (the same count on every worker, as DDP
+    needs; fewer when the run's step or time budget runs out first, on every worker alike); rank
+    0 logs ``train/*`` every ``log_every_steps`` steps.
 
     Returns:
         ``train_<key>`` means over all workers' steps, ``train_patches_per_s`` and ``lr``.
@@ -288,18 +346,16 @@ def train_epoch(job: Job, shard: Any, collate: PatchCollate, epoch: int) -> dict
     t0 = time.perf_counter()
     sums: dict[str, float] = {}
     steps = 0
-    batches = shard.iter_torch_batches(
-        batch_size=s.batch_size,
-        collate_fn=collate,
-        drop_last=True,
-        local_shuffle_buffer_size=s.shuffle_buffer or None,
-        local_shuffle_seed=(s.seed + epoch) if s.shuffle_buffer else None,
-    )
     t_step = time.perf_counter()
     clock = job.clock
     clock.restart()
-    for batch in batches:
+    for batch in batches(epoch):
         if steps >= steps_per_epoch:  # equal step counts on every worker (DDP needs it)
+            break
+        if s.max_seconds:
+            job.scheduler.update(job.seconds())
+        job.stopped_by = job.scheduler.done(job.scheduler.seconds)
+        if job.stopped_by is not None:
             break
         clock.mark("data")
         out = train_step(job.model, batch, job.loss_fn, job.optimizer, job.scheduler, s.grad_clip, bf16, clock)
@@ -316,12 +372,14 @@ def train_epoch(job: Job, shard: Any, collate: PatchCollate, epoch: int) -> dict
             job.tracker.metrics({f"train/{k}": v for k, v in out.items()}, job.global_step)
         clock.mark("log")
         clock.end_step()
-    if steps == 0:
+    if job.stopped_by is None:
+        job.stopped_by = job.scheduler.done(job.scheduler.seconds)
+    if steps == 0 and job.stopped_by is None:
         raise ValueError("a training worker received no full batch: too few training patches for "
                          f"train.batch_size={s.batch_size} x {job.world} workers")
     train_time = time.perf_counter() - t0
     totals, n_steps = _sum_over_workers(sums, steps)
-    out = {f"train_{k}": v / n_steps for k, v in totals.items() if k not in ("patches_per_s",)}
+    out = {f"train_{k}": v / max(n_steps, 1) for k, v in totals.items() if k not in ("patches_per_s",)}
     out["train_patches_per_s"] = n_steps * s.batch_size / train_time
     out["lr"] = job.optimizer.param_groups[0]["lr"]
     return out
@@ -353,13 +411,13 @@ def _log_epoch(tracker: _Tracker, epoch: int, epoch_metrics: Mapping[str, float]
         tracker.image(image, f"val_samples/epoch_{epoch:03d}/{stem}.png")
 
 
-def checkpoint_and_report(job: Job, epoch: int, epoch_metrics: dict[str, Any]) -> None:
+def checkpoint_and_report(job: Job, epoch: int, epoch_metrics: dict[str, Any], last: bool = False) -> None:
     """``ray.train.report`` on every worker, with a checkpoint (written by rank 0: the unwrapped
     model as ``MODEL_FILE``, optimiser/scheduler/progress as ``STATE_FILE``) every
-    ``checkpoint_every`` epochs and at the last epoch."""
+    ``checkpoint_every`` epochs and at the last one (``last``, or epoch ``train.epochs``)."""
     s = job.settings
     report = {**epoch_metrics, "worker_nodes": ",".join(sorted(set(job.nodes)))}
-    if not (epoch % s.checkpoint_every == 0 or epoch == s.epochs):
+    if not (epoch % s.checkpoint_every == 0 or epoch == s.epochs or last):
         ray.train.report(report)
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,6 +3,8 @@ the chart, the model cost, and `mda ablations report` end to end on a fake docum
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import copy
 import json
 import os
@@ -179,8 +181,9 @@ def test_raw_folder_links_every_pair(tmp_path):
     (tmp_path / "B" / "vi" / "a1.png").write_bytes((tmp_path / "A" / "vi" / "a1.png").read_bytes())
     with pytest.raises(ValueError, match="'a1' is in both A and B"):
         ab.build_raw_folder(tmp_path / "raw2", tmp_path, ["A", "B"])
-    data = ab.recipe_data(REPO / "recipes" / "cpu.yaml")
+    data = ab.recipe_data(REPO / "recipes" / "cpu" / "params.yaml")
     assert ab.dataset_list(data) == ["RoadScene", "MSRS", "TNO"]
+    assert data["test_set"] == "TNO" and Path(data["test_list"]).name == "subset_CDDFuse_test25.txt"
 
 
 def test_report_of_the_real_smoke_run(tmp_path, monkeypatch):

@@ -177,9 +177,11 @@ def test_bad_inputs_are_clear_errors(tiny_project):
 
 
 def test_pixel_baselines_and_table():
-    ir = np.array([[0, 100], [200, 255]], np.uint8)
-    vi = np.array([[50, 50], [50, 250]], np.uint8)
-    assert fuse_average(ir, vi).tolist() == [[25, 75], [125, 252]]  # round half to even on .5
+    ir = np.array([[0, 100], [200, 255], [1, 3]], np.uint8)
+    vi = np.array([[50, 50], [50, 250], [0, 0]], np.uint8)
+    # integer halving: odd sums go down (1 -> 0, 3 -> 1), never to the even neighbour above
+    assert fuse_average(ir, vi).tolist() == [[25, 75], [125, 252], [0, 1]]
+    ir, vi = ir[:2], vi[:2]
     assert fuse_maximum(ir, vi).tolist() == [[50, 100], [200, 255]]
     colour = np.dstack([vi, vi, vi])
     assert fuse_maximum(ir, colour).shape == (2, 2, 3)
