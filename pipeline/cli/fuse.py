@@ -103,6 +103,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
              "procedure; default for the authors' weights), 'clip' keeps the raw intensities "
              "(default for our checkpoints, unless the checkpoint records another default)",
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files that mda fuse did not write (its own PNGs "
+                             "are replaced without it); inputs are never overwritten")
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch threads (default: one per available CPU core)")
     parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
@@ -152,7 +155,7 @@ def _check_outputs_and_store(args: argparse.Namespace) -> None:
 def _fuse_one(fuser: Any, ir_path: Path, vi_path: Path, out_path: Path,
               limits: tuple[int | None, int | None]) -> None:
     """Read, check the size and the memory budget, fuse and write one pair."""
-    from pipeline.data.images import read_pair, write_image
+    from pipeline.data.images import read_pair
 
     ir, vis = read_pair(ir_path, vi_path)
     check_fits(*ir.shape[:2], *limits)
@@ -164,7 +167,43 @@ def _fuse_one(fuser: Any, ir_path: Path, vi_path: Path, out_path: Path,
         if "allocate" not in str(exc):
             raise
         raise PairTooLarge(f"{ir.shape[1]}x{ir.shape[0]}: out of memory while fusing") from None
-    write_image(out_path, fused)
+    _write(out_path, fused)
+
+
+def _write(path: Path, image: Any) -> None:
+    """Write atomically; a PNG carries the ``Software: mda fuse`` mark (``fuse_outputs``)."""
+    import cv2
+
+    from pipeline.cli.fuse_outputs import mark_png
+    from pipeline.common.atomic_io import write_bytes_atomic
+
+    ok, buf = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise OSError(f"OpenCV could not encode {path.suffix} output")
+    data = buf.tobytes()
+    write_bytes_atomic(path, mark_png(data) if path.suffix.lower() == ".png" else data)
+
+
+def plan_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path, Path]], list[tuple[str, str]]]:
+    """``(jobs, unmatched)``: ``(ir, vi, out)`` per pair, checked by ``fuse_outputs`` before any
+    model is loaded (no input overwritten, no foreign file replaced without ``--overwrite``)."""
+    from pipeline.cli import fuse_outputs as fo
+    from pipeline.data.images import find_pairs
+
+    if args.ir is not None:
+        fo.check_sources(args.ir, args.vis, folders=False)
+        out = args.out / f"{args.ir.stem}.png" if args.out.is_dir() else args.out
+        fo.check_suffix(out)
+        jobs = [(args.ir, args.vis, out)]
+        fo.check_plan(jobs, [args.ir, args.vis], args.overwrite)
+        return jobs, []
+    fo.check_sources(args.ir_dir, args.vi_dir, folders=True)
+    fo.check_plan([], [], args.overwrite, input_dirs=[args.ir_dir, args.vi_dir], out_dir=args.out)
+    pairs, unmatched = find_pairs(args.ir_dir, args.vi_dir)
+    jobs = [(p.ir, p.vi, args.out / f"{p.stem}.png") for p in pairs]
+    inputs = [Path(x) for p in pairs for x in (p.ir, p.vi)] + [Path(u) for u, _ in unmatched]
+    fo.check_plan(jobs, inputs, args.overwrite, input_dirs=[args.ir_dir, args.vi_dir], out_dir=args.out)
+    return jobs, list(unmatched)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,11 +213,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.common.memory import parse_size
 
     limits = (args.max_pixels, parse_size(args.max_memory) if args.max_memory is not None else None)
+    jobs, unmatched = plan_jobs(args)
     _check_outputs_and_store(args)
     use_huge_pages()  # before torch's first allocation (pipeline.common.machine)
     from tqdm import tqdm
 
-    from pipeline.data.images import ImageError, find_pairs
+    from pipeline.data.images import ImageError
     from pipeline.model.inference import Fuser, set_threads
     from pipeline.model.weights import resolve_model_source
 
@@ -187,16 +227,9 @@ def run(args: argparse.Namespace) -> int:
     fuser = Fuser.from_file(source, postprocess=args.postprocess)
     log.info("weights %s (%s), post-processing '%s'", source, fuser.info["kind"], fuser.postprocess)
 
-    if args.ir is not None:
-        out = args.out / f"{args.ir.stem}.png" if args.out.is_dir() else args.out
-        jobs = [(args.ir, args.vis, out)]
-        failures: list[tuple[str, str]] = []
-    else:
-        pairs, unmatched = find_pairs(args.ir_dir, args.vi_dir)
-        failures = list(unmatched)
-        for path, reason in unmatched:
-            print(f"mda fuse: skipped {path}: {reason}", file=sys.stderr)
-        jobs = [(p.ir, p.vi, args.out / f"{p.stem}.png") for p in pairs]
+    failures: list[tuple[str, str]] = list(unmatched)
+    for path, reason in unmatched:
+        print(f"mda fuse: skipped {path}: {reason}", file=sys.stderr)
 
     done = 0
     bar = tqdm(jobs, desc="fuse", unit="pair", disable=len(jobs) < 2, file=sys.stderr)
