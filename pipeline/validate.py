@@ -118,7 +118,10 @@ def _check_raw(params: Mapping[str, Any]) -> None:
     for sub in ("ir", "vi"):
         if not (Path(raw) / sub).is_dir():
             raise ParamsError(f"params: 'register.raw_dir': {raw!r} has no {sub}/ folder")
-    pairs = find_pairs(Path(raw) / "ir", Path(raw) / "vi")[0]
+    try:
+        pairs = find_pairs(Path(raw) / "ir", Path(raw) / "vi")[0]
+    except ValueError:  # no images at all
+        pairs = []
     if not pairs:
         raise ParamsError(f"params: 'register.raw_dir': {raw!r} holds no IR/visible pair with the same stem")
     import cv2

@@ -164,9 +164,10 @@ def run_killing_a_worker(fn, *args):
 
 
 def interrupt_when(cmd: list[str], cwd: Path, marker: str, delay: float, timeout: float = 300.0,
-                   preexec_fn=None) -> tuple[int, str, bool]:
-    """Run ``cmd``; ``delay`` seconds after ``marker`` appears on its stderr send it SIGINT (as
-    ``kill -INT``). Returns ``(exit code, stderr, whether the signal was sent before it exited)``."""
+                   preexec_fn=None, sig: int = signal.SIGINT) -> tuple[int, str, bool]:
+    """Run ``cmd``; ``delay`` seconds after ``marker`` appears on its stderr send it ``sig``
+    (SIGINT, as ``kill -INT``, by default). Returns ``(exit code, stderr, whether the signal was
+    sent before it exited)``."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=preexec_fn)
     err: list[str] = []
@@ -187,7 +188,7 @@ def interrupt_when(cmd: list[str], cwd: Path, marker: str, delay: float, timeout
     if seen.is_set():
         time.sleep(delay)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             sent = True
     try:
         proc.wait(timeout=timeout)

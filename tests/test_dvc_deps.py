@@ -44,13 +44,23 @@ def import_closure(script: Path) -> set[Path]:
     return {f for f in seen if f.name != "__init__.py" or f.parent == REPO / "pipeline"}
 
 
-def _stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+#: the pipelines: the demo's and the CPU recipe's (its paths are relative to its folder)
+PIPELINES = {"dvc.yaml": "", "recipes/cpu/dvc.yaml": "../../"}
 
 
-@pytest.mark.parametrize("stage", sorted(_stages()))
-def test_stage_deps_cover_exactly_the_code_it_imports(stage):
-    deps = [d for d in _stages()[stage]["deps"] if d.startswith(("pipeline", "stages/"))]
+def _stages(pipeline: str = "dvc.yaml") -> dict[str, dict]:
+    return yaml.safe_load((REPO / pipeline).read_text())["stages"]
+
+
+def _repo_deps(pipeline: str, stage: str) -> list[str]:
+    prefix = PIPELINES[pipeline]
+    deps = [d[len(prefix):] for d in _stages(pipeline)[stage]["deps"] if d.startswith(prefix)]
+    return [d for d in deps if d.startswith(("pipeline", "stages/"))]
+
+
+@pytest.mark.parametrize("pipeline,stage", [(p, s) for p in PIPELINES for s in sorted(_stages(p))])
+def test_stage_deps_cover_exactly_the_code_it_imports(pipeline, stage):
+    deps = _repo_deps(pipeline, stage)
     script = REPO / "stages" / f"{stage}.py"
     assert f"stages/{stage}.py" in deps
     needed = {f.relative_to(REPO).as_posix() for f in import_closure(script)} - {"pipeline/__init__.py"}
@@ -68,8 +78,9 @@ def covered_by(f: str, d: str) -> bool:
 def test_training_code_digest_hashes_what_dvc_tracks():
     from pipeline.train.runs import TRAIN_CODE
 
-    deps = {d for d in _stages()["train"]["deps"] if d.startswith("pipeline/")}
-    assert {f"pipeline/{p}" for p in TRAIN_CODE} == deps
+    for pipeline in PIPELINES:
+        deps = {d for d in _repo_deps(pipeline, "train") if d.startswith("pipeline/")}
+        assert {f"pipeline/{p}" for p in TRAIN_CODE} == deps, pipeline
 
 
 def test_alignment_code_does_not_invalidate_training():

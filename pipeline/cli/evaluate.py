@@ -57,13 +57,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def format_means(df: "pandas.DataFrame") -> str:  # noqa: F821
-    """The mean and standard deviation of every metric column of ``df`` as a text table."""
-    from pipeline.evaluate.metrics import METRICS
+    """The mean and standard deviation of every metric column of ``df`` as a text table; the
+    brightness diagnostics (``VIgap``, ``IRgap``: gray levels, 0 best) over the pairs that have them."""
+    from pipeline.evaluate.metrics import DIAGNOSTICS, METRICS
 
     lines = [f"{'metric':<6} {'mean':>10} {'std':>10}"]
-    for name in METRICS:
-        col = df[name].astype(float)
-        lines.append(f"{name:<6} {col.mean():>10.4f} {col.std(ddof=0):>10.4f}")
+    for name in (*METRICS, *DIAGNOSTICS):
+        if name not in df:
+            continue
+        col = df[name].astype(float).dropna()
+        pairs = f"  ({len(col)} pair(s) with such pixels)" if name in DIAGNOSTICS else ""
+        if name in DIAGNOSTICS and not len(col):
+            lines.append(f"{name:<6} {'n/a':>10} {'':>10}{pairs}")
+            continue
+        lines.append(f"{name:<6} {col.mean():>10.4f} {col.std(ddof=0):>10.4f}{pairs}")
     return "\n".join(lines)
 
 

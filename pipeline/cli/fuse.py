@@ -149,7 +149,7 @@ def _check_outputs_and_store(args: argparse.Namespace) -> None:
     single_file = args.ir is not None and not args.out.is_dir()
     check_output(args.out, "file" if single_file else "dir", "--out")
     if args.model is not None and str(args.model).startswith(("models:/", "runs:/")):
-        require_tracking_store()
+        require_tracking_store(read_only=True)  # reads a registered model: never creates a store
 
 
 def _fuse_one(fuser: Any, ir_path: Path, vi_path: Path, out_path: Path,
@@ -243,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
         except ImageError as exc:
             failures.append((exc.path, exc.reason))
             tqdm.write(f"mda fuse: skipped {exc.path}: {exc.reason}", file=sys.stderr)
+        except ValueError as exc:  # e.g. a non-finite network output: the pair fails, nothing written
+            failures.append((str(ir_path), str(exc)))
+            tqdm.write(f"mda fuse: failed {ir_path}: {exc}", file=sys.stderr)
         except OSError as exc:  # e.g. the output folder is not writable
             failures.append((str(out_path), exc.strerror or str(exc)))
             tqdm.write(f"mda fuse: cannot write {out_path}: {exc}", file=sys.stderr)

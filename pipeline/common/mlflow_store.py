@@ -91,15 +91,17 @@ def check_timeout() -> float:
     return value
 
 
-def require_tracking_store(root: str | Path | None = None) -> str:
+def require_tracking_store(root: str | Path | None = None, read_only: bool = False) -> str:
     """Check once per process that the tracking store in force can be asked; return its URI.
 
     An ``http(s)`` server must answer ``GET /health`` within :func:`check_timeout` seconds; a
-    sqlite store needs its folder to exist. Applies :func:`apply_fast_fail_defaults` first.
+    sqlite store needs its folder to exist and, if its file exists, to be a SQLite database. With
+    ``read_only`` (a command that only reads, e.g. ``mda fuse --model``) the database must exist
+    and not be empty: such a command never creates one. Applies :func:`apply_fast_fail_defaults` first.
 
     Raises:
-        MlflowUnavailable: the server cannot be reached or the store's folder is missing
-            (one line naming the URI).
+        MlflowUnavailable: the server cannot be reached, the store's folder is missing, or its
+            database is corrupt (or, read-only, absent or empty): one line naming the store.
     """
     import urllib.error
     import urllib.request
@@ -109,9 +111,10 @@ def require_tracking_store(root: str | Path | None = None) -> str:
     if uri in _REACHABLE:
         return uri
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise MlflowUnavailable(f"MLflow store {uri}: folder {folder} does not exist")
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise MlflowUnavailable(f"MLflow store {uri}: folder {db.parent} does not exist")
+        _check_sqlite(uri, db, read_only)
     elif uri.startswith(("http://", "https://")):
         timeout = check_timeout()
         try:
@@ -129,6 +132,24 @@ def require_tracking_store(root: str | Path | None = None) -> str:
             raise MlflowUnavailable(f"MLflow tracking server {uri} answered /health with HTTP {status}")
     _REACHABLE.add(uri)
     return uri
+
+
+def _check_sqlite(uri: str, db: Path, read_only: bool) -> None:
+    """The sqlite file of the store is a database (opened read-only: nothing is created or changed)."""
+    import sqlite3
+
+    if read_only and (not db.is_file() or db.stat().st_size == 0):
+        state = "does not exist" if not db.is_file() else "is empty"
+        raise MlflowUnavailable(f"MLflow store {uri}: {db} {state}, so it holds no model (this command only "
+                                "reads; set MLFLOW_TRACKING_URI to the store that has it)")
+    if not db.is_file() or db.stat().st_size == 0:
+        return  # a new store: MLflow creates its tables
+    try:
+        with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True) as conn:
+            conn.execute("select count(*) from sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        raise MlflowUnavailable(f"MLflow store {uri}: {db} is not a readable SQLite database ({exc}); move it "
+                                "aside or set MLFLOW_TRACKING_URI") from None
 
 
 def unavailable(uri: str, action: str, exc: BaseException) -> MlflowUnavailable:

@@ -56,6 +56,36 @@ def resolve_address(address: str | None = None) -> str | None:
     return address
 
 
+#: Seconds to wait for a Ray cluster's address to accept a connection (``MDA_RAY_CONNECT_TIMEOUT``).
+CONNECT_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str) -> None:
+    """Fail fast when a ``HOST:PORT`` (or ``ray://HOST:PORT``) cluster address accepts no TCP
+    connection: ``ray.init`` would otherwise retry for minutes. ``auto`` is left to Ray (it fails
+    at once when no local cluster runs).
+
+    Raises:
+        ConnectionError: one line naming the address and the way out.
+    """
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    if address == "auto" or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        raise ConnectionError(f"Ray cluster address {address!r}: expected HOST:PORT")
+    timeout = float(os.environ.get("MDA_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S))
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConnectionError(f"Ray cluster at {address} is not reachable ({reason}; checked with a {timeout:g} s "
+                              "timeout): start it, or unset RAY_ADDRESS / ray.address to use a local Ray") from None
+
+
 @contextmanager
 def ray_session(
     address: str | None = None, num_cpus: int | None = None, quiet: bool = True
@@ -85,6 +115,7 @@ def ray_session(
         kwargs["log_to_driver"] = True
     if target:
         log.info("joining Ray cluster at %s", target)
+        probe_address(target)
         ray.init(address=target, **kwargs)
     else:
         cpus = num_cpus or os.cpu_count() or 1

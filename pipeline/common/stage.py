@@ -114,12 +114,16 @@ def run_stage(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv is None:  # a script: Ctrl-C is bounded (see _Interrupts)
         outputs = [Path(getattr(ns, a.dest)) for a in args if a.output and getattr(ns, a.dest) is not None]
-        signal.signal(signal.SIGINT, _Interrupts(name, outputs).handle)
+        handler = _Interrupts(name, outputs).handle
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)  # `timeout`, a killed `dvc repro`: the same clean stop
+        _die_with_parent()
     try:
         code = _run_checked(name, run, args, ns, ray, mlflow, errors)
     finally:
         if argv is None:  # its work is over: a late Ctrl-C must not change its exit status
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if argv is None and code == INTERRUPTED:
         # interrupted work can leave threads of Ray/oneDNN mid-call, and the interpreter's teardown
         # then crashed (SIGSEGV) after the clean "interrupted" line: skip it, the outputs are intact
@@ -128,6 +132,22 @@ def run_stage(
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _die_with_parent() -> None:
+    """Linux: ask for SIGTERM when the parent process (``dvc repro``, a shell) dies, so that a stage
+    whose caller was killed stops cleanly instead of running on as an orphan."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Interrupts:

@@ -54,7 +54,10 @@ class GatherConfig:
                 if not (folder / sub).is_dir():
                     raise ParamsError(f"params: 'gather.datasets': {folder / sub} is not a folder "
                                       f"(gather.root={self.root!r})")
-            counts[name] = len(find_pairs(folder / "ir", folder / "vi")[0])
+            try:
+                counts[name] = len(find_pairs(folder / "ir", folder / "vi")[0])
+            except ValueError:  # no images at all
+                counts[name] = 0
             if counts[name] == 0:
                 raise ParamsError(f"params: 'gather.datasets': no IR/visible pair in {folder}")
         return counts

@@ -192,8 +192,24 @@ def read_ir(path: str | Path) -> np.ndarray:
         if np.array_equal(img[:, :, 0], img[:, :, 1]) and np.array_equal(img[:, :, 0], img[:, :, 2]):
             img = img[:, :, 0]
         else:
+            spread = _channel_spread(img)
+            if spread > MAX_IR_CHANNEL_SPREAD:
+                raise ImageError(path, f"is a colour image (its channels differ by {spread:.0f} gray levels on "
+                                       "average): a false-colour palette such as JET is not monotonic in "
+                                       "temperature; give the single-channel thermal image")
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     return np.ascontiguousarray(img)
+
+
+#: Largest mean difference (gray levels) between the channels of a 3-channel IR file still read as
+#: gray (compression noise of a gray image); every 3-channel IR of TNO and MSRS has 0, JET ~200.
+MAX_IR_CHANNEL_SPREAD = 10.0
+
+
+def _channel_spread(img: np.ndarray) -> float:
+    """Mean absolute difference of channels 1 and 2 from channel 0 (the larger), on a subsample."""
+    sub = img[:: max(1, img.shape[0] // 256), :: max(1, img.shape[1] // 256)].astype(np.int16)
+    return float(max(np.abs(sub[..., 0] - sub[..., 1]).mean(), np.abs(sub[..., 0] - sub[..., 2]).mean()))
 
 
 def read_visible(path: str | Path) -> np.ndarray:

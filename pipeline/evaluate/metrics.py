@@ -486,3 +486,25 @@ def compute_all(ir: np.ndarray, vi: np.ndarray, fused: np.ndarray) -> dict[str, 
     """
     a, b, f = _check_triplet(ir, vi, fused)
     return {name: METRIC_FUNCTIONS[name](a, b, f) for name in METRICS}
+
+
+#: Diagnostics beside the published metrics (not in their tables): the brightness a fused image
+#: keeps where one input is much brighter than the other (:func:`brightness_gaps`).
+DIAGNOSTICS: tuple[str, ...] = ("VIgap", "IRgap")
+#: Gray levels by which one input must exceed the other for a pixel to count in a gap.
+BRIGHT_MARGIN = 60.0
+
+
+def brightness_gaps(ir: np.ndarray, vi: np.ndarray, fused: np.ndarray, margin: float = BRIGHT_MARGIN) -> dict[str, float]:
+    """Mean of ``F - max(A, B)`` over the pixels where the visible image is at least ``margin``
+    levels brighter than IR (``VIgap``: sky, snow, sunlit ground in day scenes) and, mirrored, where
+    IR is (``IRgap``: warm targets). 0 keeps the brighter input; -79 is a darkened day scene.
+    ``nan`` where no pixel qualifies (averages over pairs skip it).
+    """
+    a, b, f = (np.asarray(x, dtype=np.float64) for x in (ir, vi, fused))
+    top = np.maximum(a, b)
+    out = {}
+    for name, mask in (("VIgap", b >= a + margin), ("IRgap", a >= b + margin)):
+        out[name] = float((f - top)[mask].mean()) if mask.any() else float("nan")
+    return out
+

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.common.atomic_io import write_text_atomic
 from pipeline.data.images import read_pair, write_image
+from pipeline.evaluate.metrics import DIAGNOSTICS
 
 #: Order of the methods in tables and in the grid (ours last).
 METHOD_ORDER: tuple[str, ...] = ("average", "maximum", "official", "ours")
@@ -25,8 +26,17 @@ def mean_per_method(per_image: Sequence[Mapping[str, Any]], metrics: Sequence[st
     present += sorted({r["method"] for r in per_image} - set(present))
     for method in present:
         sel = [r for r in per_image if r["method"] == method]
-        means[method] = {m: round(float(np.mean([r[m] for r in sel])), 6) for m in metrics}
+        means[method] = {m: round(_mean([r[m] for r in sel], m), 6) for m in metrics}
     return means
+
+
+def _mean(values: Sequence[float], metric: str) -> float:
+    """The mean; for a diagnostic (``metrics.DIAGNOSTICS``) over the pairs where it is defined."""
+    arr = np.asarray(values, dtype=np.float64)
+    if metric in DIAGNOSTICS:
+        arr = arr[np.isfinite(arr)]
+        return float(arr.mean()) if arr.size else float("nan")
+    return float(np.mean(arr))
 
 
 def means_for_json(means: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
@@ -52,12 +62,16 @@ def markdown_table(
     best: dict[str, float] = {}
     for m in metrics:
         vals = [v[m] for v in means.values() if v[m] is not None and np.isfinite(v[m])]
-        best[m] = max(vals) if vals else float("nan")  # higher is better for every metric
+        # higher is better for every metric; a diagnostic (VIgap, IRgap: 0 best) is not ranked
+        best[m] = max(vals) if vals and m not in DIAGNOSTICS else float("nan")
     head = "| method | " + " | ".join(metrics) + " |"
     sep = "|---|" + "---:|" * len(metrics)
     lines = []
     if n_pairs is not None:
         lines += [f"Means over the {n_pairs} test pairs (higher is better; best in bold).", ""]
+    if any(m in DIAGNOSTICS for m in metrics):
+        lines += ["VIgap / IRgap: mean of fused - max(IR, visible) where the visible (IR) image is at least 60 "
+                  "levels brighter, over the pairs that have such pixels (gray levels; 0 keeps the brighter input).", ""]
     lines += [head, sep]
     for method, vals in means.items():
         cells = [_cell(vals[m], best[m]) for m in metrics]
@@ -284,7 +298,7 @@ def _means_table(means: Mapping[str, Mapping[str, float]], metrics: Sequence[str
     best = {}
     for m in metrics:
         vals = [v[m] for v in means.values() if v[m] is not None and np.isfinite(v[m])]
-        best[m] = max(vals) if vals else float("nan")
+        best[m] = max(vals) if vals and m not in DIAGNOSTICS else float("nan")  # diagnostics are not ranked
     head = "<th data-type=\"text\">method</th>" + "".join(f"<th data-type=\"num\">{html.escape(m)}</th>" for m in metrics)
     rows = []
     for method, vals in means.items():

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline.common.ray_runtime import ray_session
 from pipeline.data.images import list_images, read_gray
-from pipeline.evaluate.metrics import METRICS, compute_all
+from pipeline.evaluate.metrics import DIAGNOSTICS, METRICS, brightness_gaps, compute_all
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,13 @@ def score_files(name: str, ir_path: str | Path, vi_path: str | Path, fused_path:
                 f"(IR {ir.shape[1]}x{ir.shape[0]}, visible {vi.shape[1]}x{vi.shape[0]})"
             )
         row.update(compute_all(ir, vi, fused))
+        row.update(brightness_gaps(ir, vi, fused))
     except (ValueError, OSError) as exc:  # ImageError is a ValueError and names the file
         msg = str(exc)
         if str(fused_path) not in msg and str(ir_path) not in msg and str(vi_path) not in msg:
             msg = f"{fused_path}: {msg}"
         row["error"] = msg
-        row.update({m: float("nan") for m in METRICS})
+        row.update({m: float("nan") for m in (*METRICS, *DIAGNOSTICS)})
     return row
 
 
@@ -81,7 +82,8 @@ def evaluate_folder(
         address: Ray cluster address for ``parallel``.
 
     Returns:
-        One row per scored image, sorted by name, columns ``name`` + :data:`METRICS`.
+        One row per scored image, sorted by name, columns ``name`` + :data:`METRICS` +
+        :data:`DIAGNOSTICS` (``nan`` where a pair has no pixel for it).
 
     Raises:
         FileNotFoundError: a folder is missing.
@@ -100,13 +102,13 @@ def evaluate_folder(
         if row["error"]:
             skipped.append({"name": row["name"], "path": by_name[row["name"]]["fused"], "reason": row["error"]})
         else:
-            good.append({k: (row["name"] if k == "name" else float(row[k])) for k in ("name", *METRICS)})
+            good.append({k: (row["name"] if k == "name" else float(row[k])) for k in ("name", *METRICS, *DIAGNOSTICS)})
     if skipped:
         log.warning(
             "%d of %d fused image(s) not scored: %s",
             len(skipped), len(fused), ", ".join(sorted(item["name"] for item in skipped)),
         )
-    df = pandas.DataFrame(good, columns=["name", *METRICS])
+    df = pandas.DataFrame(good, columns=["name", *METRICS, *DIAGNOSTICS])
     df.attrs["skipped"] = sorted(skipped, key=lambda s: s["name"])
     return df
 

@@ -44,7 +44,7 @@ from pipeline.common.mlflow_store import log_metrics_batched
 from pipeline.common.ray_runtime import configure_data_context
 from pipeline.data.contracts import read_split
 from pipeline.data.images import find_pairs, merge_luma, read_pair, split_luma, write_image
-from pipeline.evaluate.metrics import METRICS, compute_all
+from pipeline.evaluate.metrics import DIAGNOSTICS, METRICS, brightness_gaps, compute_all
 from pipeline.evaluate.report import (
     image_grid, markdown_table, mean_per_method, means_for_json, write_per_image_csv, write_visual_report,
 )
@@ -130,7 +130,7 @@ def _collect(
         write_image(tmp / "fused" / method / f"{name}.png", img)
         if name in grid_names:
             fused_images.setdefault(method, {})[name] = img
-        per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in METRICS}})
+        per_image.append({"method": method, "name": name, **{m: float(r[m]) for m in (*METRICS, *DIAGNOSTICS)}})
     order = {m: i for i, m in enumerate(methods)}
     per_image.sort(key=lambda r: (order[r["method"]], r["name"]))
     return per_image, fused_images
@@ -297,7 +297,7 @@ def load_fuser(weights: str | Path, use_gpu: bool = False) -> Callable[[np.ndarr
 def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data function: the metrics of every fused image of a batch (gray, published convention)."""
 
-    cols: dict[str, list[float]] = {m: [] for m in METRICS}
+    cols: dict[str, list[float]] = {m: [] for m in (*METRICS, *DIAGNOSTICS)}
     for buf_ir, buf_vi, buf_f, h, w, c in zip(batch["ir"], batch["vi"], batch["fused"], batch["h"], batch["w"], batch["c"]):
         h, w, c = int(h), int(w), int(c)
         ir = _unpack(buf_ir, h, w, 1)
@@ -306,8 +306,8 @@ def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if c == 3:
             vi = cv2.cvtColor(vi, cv2.COLOR_BGR2GRAY)
             fu = cv2.cvtColor(fu, cv2.COLOR_BGR2GRAY)
-        values = compute_all(ir, vi, fu)
-        for m in METRICS:
+        values = {**compute_all(ir, vi, fu), **brightness_gaps(ir, vi, fu)}
+        for m in cols:
             cols[m].append(float(values[m]))
     out = {k: batch[k] for k in ("method", "name", "fused", "h", "w", "c")}
     out.update({m: np.asarray(v, dtype=np.float64) for m, v in cols.items()})
@@ -406,11 +406,11 @@ def evaluate(
     try:
         grid_names = {r["name"] for r in rows[: cfg.grid_pairs]}  # rows are sorted by name
         per_image, fused_images = _collect(fuse_and_score(rows, methods, cfg, use_gpu), methods, grid_names, tmp)
-        means = mean_per_method(per_image, METRICS)
+        means = mean_per_method(per_image, (*METRICS, *DIAGNOSTICS))
         result = EvalResult(per_image=per_image, means=means, skipped=skipped)
         written = {
-            "per_image": write_per_image_csv(tmp / "per_image.csv", per_image, METRICS),
-            "table": write_text_atomic(tmp / "table.md", markdown_table(means, METRICS, len(rows), skipped)),
+            "per_image": write_per_image_csv(tmp / "per_image.csv", per_image, (*METRICS, *DIAGNOSTICS)),
+            "table": write_text_atomic(tmp / "table.md", markdown_table(means, (*METRICS, *DIAGNOSTICS), len(rows), skipped)),
             "test_set": write_json(tmp / TEST_SET_FILE, test_set_record(rows)),
         }
         sources = {r["name"]: read_pair(r["ir"], r["vi"]) for r in rows if r["name"] in grid_names}
@@ -418,7 +418,7 @@ def evaluate(
         if grid is not None:
             written["grid"] = write_image(tmp / "grid.png", grid)
         written["report"] = write_visual_report(  # report.html, inputs/, plots/<grid pair>/ (DVC image plots)
-            tmp, rows, per_image, means, METRICS, skipped, plot_pairs=sorted(grid_names))
+            tmp, rows, per_image, means, (*METRICS, *DIAGNOSTICS), skipped, plot_pairs=sorted(grid_names))
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -103,10 +103,16 @@ def postprocess(raw: np.ndarray, mode: str) -> np.ndarray:
 
     Returns:
         ``uint8`` (H, W).
+
+    Raises:
+        ValueError: a NaN or infinite value in ``raw`` (weights that cannot fuse: nothing is written).
     """
     if mode not in POSTPROCESS_MODES:
         raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {mode!r}")
     raw = np.asarray(raw, dtype=np.float64)
+    bad = int(raw.size - np.isfinite(raw).sum())
+    if bad:
+        raise ValueError(f"the network output has {bad} NaN or infinite value(s) of {raw.size}: not a fused image")
     if mode == "minmax":
         lo, hi = float(raw.min()), float(raw.max())
         if hi - lo > 1e-12:

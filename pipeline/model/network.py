@@ -446,6 +446,19 @@ class ConcatFusion(nn.Module):
 FUSION_KINDS: tuple[str, ...] = ("attention", "add", "concat")
 #: ``model.args.scales`` -> number of fusion points (F11 | F11 F12 F22 | F11 F12 F22 F24 F44).
 FUSION_POINTS: dict[int, int] = {1: 1, 2: 3, 3: 5}
+#: ``model.args.base``: what the head's output is added to. ``none`` (paper): 0.5, the output
+#: ``tanh(head) / 2 + 0.5`` spans (0, 1); ``max`` / ``mean``: the pixel maximum / average of the
+#: inputs, so the network learns a residual ``tanh(head) / 2`` on a pixel-wise fusion (our extension).
+BASES: tuple[str, ...] = ("none", "max", "mean")
+
+
+def pixel_base(kind: str, ir: Tensor, vi: Tensor) -> Tensor:
+    """The pixel-wise fusion ``model.args.base`` adds the learned residual to (``BASES``)."""
+    if kind == "max":
+        return torch.maximum(ir, vi)
+    if kind == "mean":
+        return (ir + vi) / 2
+    raise ValueError(f"model 'mda': 'base' must be one of {list(BASES)}, got {kind!r}")
 
 
 def fusion_block(kind: str, width: int, reduction: int, cross_scale: bool) -> nn.Module:
@@ -472,21 +485,24 @@ class MDANet(nn.Module):
             (ablations; module docstring).
         scales: encoder scales, 3 = 1x + 2x + 4x (paper) | 2 = 1x + 2x | 1 = 1x only (ablations;
             module docstring lists what each removes).
+        base: ``none`` (paper) | ``max`` | ``mean``: the output is a residual on that pixel-wise
+            fusion of the inputs (``BASES``; our extension). Adds no parameter.
 
     The concatenation before the head has ``2 * width + 2 * up2_channels + up4_channels``
     channels with 3 scales (104 with the paper's values), ``2 * width + up2_channels`` with 2 and
     ``width`` with 1.
     """
 
-    ARG_NAMES: tuple[str, ...] = ("width", "reduction", "up2_channels", "up4_channels", "fusion", "scales")
+    ARG_NAMES: tuple[str, ...] = ("width", "reduction", "up2_channels", "up4_channels", "fusion", "scales", "base")
     #: ``pipeline.common.config.param`` checks of each ``model.args`` key (default: positive int).
     ARG_SPECS: dict[str, dict[str, Any]] = {
         "fusion": {"kind": str, "choices": FUSION_KINDS},
         "scales": {"kind": int, "choices": tuple(FUSION_POINTS)},
+        "base": {"kind": str, "choices": BASES},
     }
 
     def __init__(self, width: int = 32, reduction: int = 8, up2_channels: int = 16, up4_channels: int = 8,
-                 fusion: str = "attention", scales: int = 3) -> None:
+                 fusion: str = "attention", scales: int = 3, base: str = "none") -> None:
         super().__init__()
         for key, value in (("width", width), ("reduction", reduction),
                            ("up2_channels", up2_channels), ("up4_channels", up4_channels)):
@@ -498,7 +514,9 @@ class MDANet(nn.Module):
             raise ValueError(f"model 'mda': 'fusion' must be one of {list(FUSION_KINDS)}, got {fusion!r}")
         if isinstance(scales, bool) or scales not in FUSION_POINTS:
             raise ValueError(f"model 'mda': 'scales' must be one of {list(FUSION_POINTS)}, got {scales!r}")
-        self.width, self.fusion, self.scales = width, fusion, scales
+        if base not in BASES:
+            raise ValueError(f"model 'mda': 'base' must be one of {list(BASES)}, got {base!r}")
+        self.width, self.fusion, self.scales, self.base = width, fusion, scales, base
         # modules a reduced configuration does not run are not created (attribute None): the
         # default configuration keeps exactly the paper's modules and state-dict keys
         self.stem = _conv3(1, width)
@@ -591,7 +609,8 @@ class MDANet(nn.Module):
                 f44 = self.fuse_same(irs[1], vis[1])
                 fusion = [f11, f12, f22, f24, f44]
                 cat = [f11, f12, *self.decode2_pair(f22, f24), self.dec4(f44)]
-        fused = (_concat_conv(self.head, cat) if len(cat) > 1 else self.head(cat[0])) / 2 + 0.5
+        fused = (_concat_conv(self.head, cat) if len(cat) > 1 else self.head(cat[0])) / 2
+        fused = fused + (0.5 if self.base == "none" else pixel_base(self.base, ir, vi))
         if not return_features:
             return fused
         return fused, {**features, "fusion": fusion}

@@ -87,29 +87,50 @@ class FusionPyfunc(mlflow.pyfunc.PythonModel):
 
     def fuse(self, ir: Any, vi: Any, row: int = 0) -> np.ndarray:
         """Fuse one pair: ir (H, W) and vi (H, W) or (H, W, 3) BGR, 0-255 -> uint8 like ``vi``."""
+        return self._fuse_checked(*self._check(ir, vi, row))
+
+    def _check(self, ir: Any, vi: Any, row: int) -> tuple[np.ndarray, np.ndarray]:
         ir_u8 = _as_u8(ir, "ir", row)
         vi_u8 = _as_u8(vi, "vi", row)
         if ir_u8.ndim != 2:
             raise ValueError(f"row {row}: 'ir' must be a single-channel (H, W) image, got shape {ir_u8.shape}")
         if ir_u8.shape != vi_u8.shape[:2]:
             raise ValueError(f"row {row}: 'ir' {ir_u8.shape} and 'vi' {vi_u8.shape[:2]} differ in size")
+        return ir_u8, vi_u8
+
+    def _fuse_checked(self, ir_u8: np.ndarray, vi_u8: np.ndarray) -> np.ndarray:
         return np.asarray(self._fuser(ir_u8, vi_u8), dtype=np.uint8)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow infers schemas from hints
-        """Fuse every row (DataFrame) or the arrays of a dict (see the module docstring)."""
+        """Fuse every row (DataFrame) or the arrays of a dict (see the module docstring).
+
+        Bad input (shape, size mismatch, non-finite values, over ``MDA_SERVE_MAX_PIXELS``) is
+        refused before any fusing, as an ``MlflowException`` (HTTP 400 from ``mlflow models
+        serve``) whose message is the reason, with no traceback or server path.
+        """
+        try:
+            return self._predict(model_input)
+        except ValueError as exc:
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+    def _predict(self, model_input: Any) -> Any:
 
         if isinstance(model_input, pd.DataFrame):
             missing = {"ir", "vi"} - set(model_input.columns)
             if missing:
                 raise ValueError(f"input lacks column(s) {sorted(missing)}; expected 'ir' and 'vi'")
-            fused = [self.fuse(r.ir, r.vi, i).tolist() for i, r in enumerate(model_input.itertuples(index=False))]
-            return pd.DataFrame({"fused": fused})
+            pairs = [self._check(r.ir, r.vi, i) for i, r in enumerate(model_input.itertuples(index=False))]
+            return pd.DataFrame({"fused": [self._fuse_checked(*p).tolist() for p in pairs]})
         if isinstance(model_input, dict):
             if "ir" not in model_input or "vi" not in model_input:
                 raise ValueError("input dict needs keys 'ir' and 'vi'")
             ir, vi = model_input["ir"], model_input["vi"]
             if isinstance(ir, (list, tuple)) and isinstance(vi, (list, tuple)) and ir and np.asarray(ir[0]).ndim == 2:
-                return [self.fuse(a, b, i) for i, (a, b) in enumerate(zip(ir, vi))]
+                pairs = [self._check(a, b, i) for i, (a, b) in enumerate(zip(ir, vi))]
+                return [self._fuse_checked(*p) for p in pairs]
             return self.fuse(ir, vi)
         raise ValueError(f"unsupported input type {type(model_input).__name__}: pass a DataFrame or a dict")
 

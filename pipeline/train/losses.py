@@ -33,6 +33,7 @@ maximum of the inputs' intensities / gradient magnitudes (as SeAFusion and CDDFu
 adaptive weights still shape the loss as the per-pixel weight of the error (:func:`max_target`)::
 
     intensity (max) = mean_B mean[ r_int * D(f, max(a, b)) ],  r_int = 2 w_int_a where a >= b, else 2 w_int_b
+                      (r_int = 1 with ``loss.intensity.adaptive: false``: the plain max loss)
     gradient  (max) = mean_B mean[ r_det * |G(f) - max(G(a), G(b))| ],  r_det likewise from G and w_det
 
 (patch level: the same with the per-pixel maps ``m`` in place of ``w``). With weights 0.5/0.5 this
@@ -394,6 +395,7 @@ class FusionLoss(nn.Module):
         intensity_weight: float = 1.0,
         intensity_kind: str = "mse",
         intensity_target: str = "blend",
+        intensity_adaptive: bool = True,
         ssim_enabled: bool = True,
         ssim_weight: float = 1.0,
         gradient_enabled: bool = True,
@@ -424,6 +426,7 @@ class FusionLoss(nn.Module):
                 raise ValueError(f"{name} must be one of {TARGETS}, got {value!r}")
         self.intensity_kind = intensity_kind
         self.intensity_target, self.gradient_target = intensity_target, gradient_target
+        self.intensity_adaptive = intensity_adaptive
         self.ssim_enabled, self.gradient_enabled = ssim_enabled, gradient_enabled
         self.patch_enabled, self.style_enabled, self.feature_enabled = patch_enabled, style_enabled, feature_enabled
         self.patch_window, self.patch_temperature = patch_window, patch_temperature
@@ -467,6 +470,7 @@ class FusionLoss(nn.Module):
             intensity_weight=param(cfg, "intensity.weight", float, where=w, minimum=0.0),
             intensity_kind=param(cfg, "intensity.kind", str, where=w, choices=("mse", "l1")),
             intensity_target=param(cfg, "intensity.target", str, where=w, default="blend", choices=TARGETS),
+            intensity_adaptive=param(cfg, "intensity.adaptive", bool, where=w, default=True),
             gradient_target=param(cfg, "gradient.target", str, where=w, default="blend", choices=TARGETS),
             ssim_enabled=param(cfg, "ssim.enabled", bool, where=w),
             ssim_weight=param(cfg, "ssim.weight", float, where=w, minimum=0.0),
@@ -530,7 +534,7 @@ class FusionLoss(nn.Module):
         if self.intensity_target == "max":
             target, r = max_target(a, b, col(w["int_ir"]), col(w["int_vi"]))
             err = pixel_error(f, target, self.intensity_kind)
-            out["intensity"] = (r * err).mean()
+            out["intensity"] = (r * err).mean() if self.intensity_adaptive else err.mean()
             if maps is not None:
                 m = maps["int"]
                 out["patch_intensity"] = (max_target(a, b, m[:, :1], m[:, 1:])[1] * err).mean()

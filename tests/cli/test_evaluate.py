@@ -16,7 +16,7 @@ from pipeline.evaluate.metrics import METRICS, compute_all
 from pipeline.evaluate.score import evaluate_folder
 from conftest import shared_dataset, shared_file
 
-HEADER = ["name", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR"]
+HEADER = ["name", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR", "VIgap", "IRgap"]
 NAMES = ("01", "02", "03")
 
 

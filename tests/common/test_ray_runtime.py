@@ -160,3 +160,23 @@ def test_ctrl_c_during_ray_shutdown_is_acted_on_after_it():
         assert signal.getsignal(signal.SIGINT) is stage_handler  # the handler is back
     finally:
         signal.signal(signal.SIGINT, original)
+
+
+def test_unreachable_ray_address_fails_fast(monkeypatch):
+    """Nothing listening at RAY_ADDRESS: one line naming it within seconds, not Ray's minutes of
+    GCS retries (issue 22)."""
+    import socket
+    import time
+
+    from pipeline.common.ray_runtime import probe_address, ray_session
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free again when closed: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"Ray cluster at 127.0.0.1:{port} is not reachable"):
+        with ray_session():
+            pass
+    assert time.monotonic() - t0 < 30
+    probe_address("auto")  # left to Ray

@@ -21,9 +21,20 @@ def test_read_ir_8bit_and_folding(tmp_path):
     write_image(tmp_path / "g3.png", np.dstack([g, g, g]))
     assert np.array_equal(read_ir(tmp_path / "g.png"), g)
     assert np.array_equal(read_ir(tmp_path / "g3.png"), g)  # 3 identical channels folded
-    c = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    # nearly gray (compression noise): converted with BGR -> gray
+    c = np.clip(np.dstack([g, g.astype(int) + RNG.integers(-3, 4, g.shape), g]), 0, 255).astype(np.uint8)
     write_image(tmp_path / "c.png", c)
     assert np.array_equal(read_ir(tmp_path / "c.png"), cv2.cvtColor(c, cv2.COLOR_BGR2GRAY))
+
+
+def test_false_colour_ir_is_refused(tmp_path):
+    """A JET-coloured 'IR' image is not monotonic in temperature: refused, naming the file (issue 22)."""
+    from pipeline.data.images import ImageError
+
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (16, 1))
+    write_image(tmp_path / "jet.png", cv2.applyColorMap(ramp, cv2.COLORMAP_JET))
+    with pytest.raises(ImageError, match=r"jet\.png.*false-colour palette"):
+        read_ir(tmp_path / "jet.png")
 
 
 def test_read_16bit(tmp_path):

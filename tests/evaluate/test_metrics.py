@@ -246,7 +246,7 @@ def test_reproduces_cddfuse_published_sdnet_row() -> None:
     fused_dir = shared_file("reference", "TNO_fused", "SDNet")
     assert sorted(p.name for p in fused_dir.glob("*.png")) == sorted(names)  # named as the TNO pairs
     df = evaluate_folder(tno / "ir", tno / "vi", fused_dir, parallel=False)
-    assert list(df.columns) == ["name", *M.METRICS]
+    assert list(df.columns) == ["name", *M.METRICS, *M.DIAGNOSTICS]
     assert len(df) == 25 and df.attrs["skipped"] == []
     means = df[list(M.METRICS)].mean()
     for name, published in PUBLISHED_SDNET.items():
@@ -294,3 +294,16 @@ def test_full_metrics_on_one_published_image_of_each_method() -> None:
         r = M.compute_all(a, b, read_gray(shared_file("reference", "TNO_fused", method, name)))
         assert 0.2 < r["VIF"] < 1.5 and 0.2 < r["Qabf"] < 0.8, method
         assert 0.5 < r["SSIM"] < 1.5 and 8 < r["PSNR"] < 30, method
+
+
+def test_brightness_gaps_measure_darkened_and_kept_regions():
+    """VIgap/IRgap: mean of F - max(A, B) where one input is >= 60 levels brighter (issue 20)."""
+    ir = np.full((40, 40), 20.0)
+    ir[:, 30:] = 220.0  # a warm target, dark in the visible image
+    vi = np.full((40, 40), 200.0)
+    vi[:, 20:] = 10.0
+    fused = np.maximum(ir, vi)
+    fused[:, :10] -= 79.0  # half the sky darkened by 79 levels
+    gaps = M.brightness_gaps(ir, vi, fused)
+    assert gaps["VIgap"] == pytest.approx(-39.5) and gaps["IRgap"] == pytest.approx(0.0)
+    assert np.isnan(M.brightness_gaps(vi, vi, vi)["VIgap"])  # no such pixel: undefined, not 0

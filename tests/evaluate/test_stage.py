@@ -12,7 +12,7 @@ from pipeline.common.config import ParamsError
 from pipeline.evaluate.report import markdown_table, means_for_json
 from pipeline.evaluate.stage import EvalConfig, fuse_average, fuse_maximum, resolve_methods
 from pipeline.data.images import write_image
-from pipeline.evaluate.metrics import METRICS, compute_all
+from pipeline.evaluate.metrics import DIAGNOSTICS, METRICS, brightness_gaps, compute_all
 
 from conftest import shared_file
 
@@ -77,7 +77,7 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     assert rc == 0
 
     df = pd.read_csv(out / "per_image.csv")
-    assert list(df.columns) == ["method", "name", *METRICS]
+    assert list(df.columns) == ["method", "name", *METRICS, *DIAGNOSTICS]
     assert sorted(zip(df.method, df.name)) == sorted((m, n) for m in ("average", "maximum", "ours") for n in ("p1", "p2", "p3"))
     assert np.isfinite(df[list(METRICS)].to_numpy()).all()
 
@@ -86,7 +86,12 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     assert list(means) == ["average", "maximum", "ours"]
     for method, vals in means.items():
         expected = df[df.method == method][list(METRICS)].mean()
-        assert vals == pytest.approx(expected.to_dict(), abs=1e-5)
+        assert {m: vals[m] for m in METRICS} == pytest.approx(expected.to_dict(), abs=1e-5)
+        gaps = df[df.method == method][list(DIAGNOSTICS)].mean()  # over the pairs that have such pixels
+        assert all(vals[m] is None if np.isnan(gaps[m]) else vals[m] == pytest.approx(gaps[m], abs=1e-5)
+                   for m in DIAGNOSTICS)
+    # the pixel maximum keeps the brighter input (within the luma round trip of a colour image)
+    assert all(means["maximum"][m] is None or abs(means["maximum"][m]) < 0.5 for m in DIAGNOSTICS)
 
     # the baselines are what they claim, scored with the published convention
     ir = cv2.imread(str(root / "registered" / "ir" / "p1.png"), cv2.IMREAD_GRAYSCALE)
@@ -96,6 +101,8 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     assert np.abs(cv2.cvtColor(avg, cv2.COLOR_BGR2GRAY).astype(int) - (ir.astype(int) + y) / 2).max() <= 1.5
     row = df[(df.method == "average") & (df.name == "p1")].iloc[0]
     assert row[list(METRICS)].to_dict() == pytest.approx(compute_all(ir, y, cv2.cvtColor(avg, cv2.COLOR_BGR2GRAY)), abs=1e-5)
+    gaps = brightness_gaps(ir, y, cv2.cvtColor(avg, cv2.COLOR_BGR2GRAY))
+    assert all(np.isnan(gaps[m]) if np.isnan(row[m]) else row[m] == pytest.approx(gaps[m], abs=1e-5) for m in DIAGNOSTICS)
 
     # scoring the written fused images with `mda evaluate`'s code gives the same numbers
     ours = evaluate_folder(root / "registered" / "ir", root / "registered" / "vi", out / "fused" / "ours", parallel=False)
@@ -105,7 +112,7 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
 
     table = (out / "table.md").read_text()
     lines = [ln for ln in table.splitlines() if ln.startswith("|")]
-    assert lines[0] == "| method | " + " | ".join(METRICS) + " |" and len(lines) == 2 + 3
+    assert lines[0] == "| method | " + " | ".join((*METRICS, *DIAGNOSTICS)) + " |" and len(lines) == 2 + 3
     assert "Baseline `official` skipped" in table and "absent.pth" in table
 
     grid = cv2.imread(str(out / "grid.png"))

@@ -93,3 +93,51 @@ def test_sigint_during_stage(trained, tmp_path, stage, ray_fresh):
         assert after, f"{stage} finished without its output"
     assert leftovers(out) == []
     print(f"{stage}: exit {rc} (signal {'sent' if sent else 'not sent: finished first'})")
+
+
+@pytest.mark.parametrize("stage", ["register", "train"])
+def test_sigterm_during_stage_stops_it_cleanly(trained, tmp_path, stage, ray_fresh):
+    """``timeout`` and a caller giving up send SIGTERM: the stage stops like on Ctrl-C (issue 22)."""
+    import signal
+
+    ws, (output, delay) = trained, STAGES[stage]
+    out = tmp_path / "run"
+    out.mkdir()
+    rc, err, sent = interrupt_when(stage_cmd(stage, ws, out), ws, "outputs checked, running", delay,
+                                   timeout=60, sig=signal.SIGTERM)
+    assert "Traceback" not in err, err[-3000:]
+    assert (rc == 130 and sent and f"{stage}: interrupted" in err) or (rc == 0 and not sent), (rc, err[-2000:])
+    assert leftovers(out) == []
+
+
+def test_stage_whose_caller_is_killed_does_not_run_on(trained, tmp_path, ray_fresh):
+    """A stage whose parent (``dvc repro``, a shell) is SIGKILLed gets SIGTERM and ends: no orphan."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    ws = trained
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = " ".join(stage_cmd("train", ws, out))
+    shell = subprocess.Popen(["sh", "-c", f"{cmd} 2>{tmp_path / 'err.txt'} & echo $!; wait"], cwd=ws,
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pid = int(shell.stdout.readline())
+    deadline = time.monotonic() + 120
+    while "outputs checked, running" not in (tmp_path / "err.txt").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    shell.kill()  # SIGKILL: the parent cannot pass anything on
+    shell.wait()
+    gone = time.monotonic() + 40
+    while time.monotonic() < gone:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"the stage (pid {pid}) still ran 40 s after its parent was killed")
+    assert "train: interrupted" in (tmp_path / "err.txt").read_text()

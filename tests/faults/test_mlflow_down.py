@@ -159,3 +159,27 @@ def test_train_stops_cleanly_when_the_server_goes_away_before_the_reuse_check(tm
     finally:
         server.stop()
         mlflow.set_tracking_uri(previous)
+
+
+@pytest.mark.parametrize("entry", ["mda fuse --model", "train stage"])
+def test_corrupt_or_empty_store(tmp_path, entry):
+    """A corrupt sqlite store gives one line naming it (was a 90-line SQLAlchemy traceback); a
+    read-only command refuses an empty or missing store and leaves it as it was (issue 22)."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"this is not a database" * 100)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    proc = subprocess.run(_entry_points(tmp_path)[entry], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(db) in err[-1] and "not a readable SQLite database" in err[-1], err[-3:]
+    if entry != "mda fuse --model":
+        return
+    for content in (b"", None):
+        db.unlink()
+        if content is not None:
+            db.write_bytes(content)
+        proc = subprocess.run(_entry_points(tmp_path)[entry], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1 and "holds no model" in proc.stderr, proc.stderr[-2000:]
+        assert (db.exists() and db.stat().st_size == 0) if content is not None else not db.exists()

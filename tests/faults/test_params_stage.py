@@ -64,6 +64,84 @@ def test_bad_params_stop_dvc_before_outputs_are_deleted(tmp_path):
     assert "params: error: params: 'demo.num_pairs' must be >= 1, got 0" in done.stdout + done.stderr
     assert _files(project / "data" / "demo") == before, "the guarded stage's outputs must survive"
 
+    # a misspelt section used to pass as "valid" (and `dvc repro` was "up to date")
+    params["demo"]["num_pairs"] = 2
+    params["trian"] = {"epochs": 5}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = _dvc(project, "repro", "demo")
+    assert done.returncode != 0 and "unknown section(s) ['trian']" in done.stdout + done.stderr
+    assert _files(project / "data" / "demo") == before
+    del params["trian"]
+    params["demo"]["num_pairs"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
     # without the guard, DVC deletes the outputs and then the stage rejects its params
     done = _dvc(project, "repro", "--single-item", "demo_unguarded")
     assert done.returncode != 0 and not (project / "data" / "demo2").exists()
+
+
+def _params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _raw(root: Path, ir: bool = True, vi: bool = True, images: bool = True, size: int = 32) -> str:
+    import numpy as np
+
+    from pipeline.data.images import write_image
+
+    for sub, make in (("ir", ir), ("vi", vi)):
+        if make:
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            if images:
+                write_image(root / sub / "p.png", np.zeros((size, size), np.uint8))
+    return str(root)
+
+
+#: (what, the change, text the one-line error must contain): each used to pass the params stage
+#: and fail a later stage only after DVC had deleted its outputs (issue 22)
+BAD = [
+    ("misspelt section", lambda p, t: p.update(trian={"epochs": 5}), "unknown section(s) ['trian']"),
+    ("raw_dir missing", lambda p, t: p["register"].update(raw_dir=str(t / "nope")), "'register.raw_dir'"),
+    ("raw_dir without vi/", lambda p, t: p["register"].update(raw_dir=_raw(t / "r1", vi=False)), "has no vi/ folder"),
+    ("raw_dir without images", lambda p, t: p["register"].update(raw_dir=_raw(t / "r2", images=False)), "holds no IR/visible pair"),
+    ("raw_dir not a path", lambda p, t: p["register"].update(raw_dir=42), "'register.raw_dir' must be"),
+    ("init_weights typo", lambda p, t: p["train"].update(init_weights="models/pretrained/mda_cpu.ptt"), "'train.init_weights'"),
+    ("init_weights of another model", lambda p, t: p["model"]["args"].update(fusion="add"), "'train.init_weights'"),
+    ("vgg_weights missing", lambda p, t: p["loss"].update(vgg_weights="models/vgg16/none.pt"), "'loss.vgg_weights'"),
+    ("test_list missing", lambda p, t: p["crop"].update(test_list="no/list.txt"), "'crop.test_list'"),
+    ("promote.primary unknown", lambda p, t: p["promote"].update(primary="VIFF"), "'promote.primary' names metric 'VIFF'"),
+    ("promote gate unknown", lambda p, t: p["promote"].update(gates={"QABF": 0.01}), "'promote.gates.QABF'"),
+    ("lr 0", lambda p, t: p["train"].update(lr=0), "'train.lr'"),
+    ("lr NaN", lambda p, t: p["train"].update(lr=float("nan")), "'train.lr' must be a finite number"),
+    ("lr inf", lambda p, t: p["train"].update(lr=float("inf")), "'train.lr' must be a finite number"),
+    ("lr 1e9", lambda p, t: p["train"].update(lr=1e9), "'train.lr' must be > 0 and <= 1"),
+    ("1000 workers", lambda p, t: p["train"].update(num_workers=1000), "'train.num_workers' 1000"),
+    ("patch larger than every image", lambda p, t: (p["register"].update(raw_dir=_raw(t / "r3")),
+                                                     p["crop"].update(patch_size=100000)), "'crop.patch_size' 100000"),
+    ("width not a multiple of reduction", lambda p, t: p["model"]["args"].update(width=7, reduction=8), "width"),
+]
+
+
+@pytest.mark.parametrize("what,change,message", BAD, ids=[b[0] for b in BAD])
+def test_params_stage_refuses_what_would_fail_later(what, change, message, tmp_path, monkeypatch):
+    from pipeline.common.config import ParamsError
+    from pipeline.validate import check_params
+
+    monkeypatch.chdir(REPO)  # the repository's relative paths (the shipped model, the demo folder)
+    params = _params()
+    change(params, tmp_path)
+    with pytest.raises(ParamsError) as info:
+        check_params(params)
+    text = str(info.value)
+    assert message in text and "\n" not in text, text
+
+
+def test_params_stage_accepts_the_shipped_files(monkeypatch):
+    from pipeline.validate import check_params
+
+    monkeypatch.chdir(REPO)
+    assert "train" in check_params(_params())
+    recipe = yaml.safe_load((REPO / "recipes" / "cpu" / "params.yaml").read_text())
+    monkeypatch.chdir(REPO / "recipes" / "cpu")
+    if (REPO.parent / "shared" / "data" / "TNO").is_dir():
+        assert "ship" in check_params(recipe)

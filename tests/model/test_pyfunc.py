@@ -150,7 +150,7 @@ def test_mlflow_models_serve_answers_with_the_fused_image(champion):
     import pandas as pd
 
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": champion["uri"]}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion["uri"], "MDA_SERVE_MAX_PIXELS": str(32 * 48)}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
            "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1", "-w", "1"]
     log_path = champion["root"] / "serve.log"
@@ -187,6 +187,21 @@ def test_mlflow_models_serve_answers_with_the_fused_image(champion):
 
         status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["ir"], "data": [[ir.tolist()]]}})
         assert status >= 400 and "vi" in json.dumps(body)
+
+        # bad requests: a 400 naming the reason, quickly, with no traceback or server path (issue 22)
+        big = np.zeros((40, 48), np.uint8)
+        nan_ir = ir.astype(float)
+        nan_ir[3, 4] = float("nan")
+        for data, reason in (([[ir.tolist(), big.tolist()]], "differ in size"),
+                             ([[big.tolist(), big.tolist()]], "over the limit of 1536"),
+                             ([[nan_ir.tolist(), gray.tolist()]], "NaN")):
+            t0 = time.monotonic()
+            status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["ir", "vi"], "data": data}})
+            text = json.dumps(body)
+            assert status == 400 and reason in body.get("message", ""), (status, text[:2000])
+            assert time.monotonic() - t0 < 5
+            assert "stack_trace" not in body and "Traceback" not in text and str(champion["root"]) not in text
+            assert "site-packages" not in text and "/pipeline/" not in text
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -232,3 +232,31 @@ def test_resolve_model_source(tmp_path, official_path, monkeypatch):
         resolve_model_source("models:/mda-fusion@champion")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         resolve_model_source(tmp_path / "missing.pt")
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    """What a diverged run saves: refused at load, naming the file (issue 22)."""
+    import torch
+
+    from pipeline.model.network import build_model
+    from pipeline.model.weights import load_model, save_checkpoint
+
+    model = build_model("mda", width=8, reduction=2, up2_channels=4, up4_channels=4)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    path = save_checkpoint(tmp_path / "diverged.pt", model, "mda", {"width": 8, "reduction": 2,
+                                                                     "up2_channels": 4, "up4_channels": 4})
+    with pytest.raises(ValueError, match=r"diverged\.pt: 1 tensor\(s\) hold NaN or infinite"):
+        load_model(path)
+
+
+def test_non_finite_network_output_is_not_an_image():
+    import numpy as np
+
+    from pipeline.model.inference import postprocess
+
+    raw = np.full((4, 4), 0.5)
+    raw[1, 2] = np.nan
+    for mode in ("clip", "minmax"):
+        with pytest.raises(ValueError, match="1 NaN or infinite"):
+            postprocess(raw, mode)
