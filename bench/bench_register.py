@@ -12,10 +12,9 @@ Usage::
     python bench/bench_register.py [--raw ../shared/data/RoadScene] [--align check correct off]
         [--code DIR ...] [--num-cpus 2] [--repeat 2]
 
-``--code`` times other checkouts too (e.g. a ``git worktree`` of the commit before issue 9):
-a checkout with ``pipeline/data/register.py`` is run with each ``--align`` mode, an older one
-(``pipeline/registration.py``, no modes) with its defaults. Prints one line per (checkout, mode)
-and writes ``bench/results/register.json``.
+``--code`` times other checkouts too (e.g. a ``git worktree`` of an earlier commit that has
+``pipeline/data/register.py``), each with every ``--align`` mode. Prints one line per (checkout,
+mode) and writes ``bench/results/register.json``.
 """
 
 from __future__ import annotations
@@ -38,14 +37,9 @@ from pathlib import Path
 code, raw, align, num_cpus, repeat = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 sys.path.insert(0, code)
 import ray
-if (Path(code) / "pipeline" / "data" / "register.py").is_file():
-    from pipeline.data.register import register_dataset, register_pair
-    from pipeline.data.register_options import AlignOptions
-    options = AlignOptions(align=align)
-else:  # before issue 9: one mode (estimate, then warp when > max_shift_px)
-    from pipeline.registration import register_dataset, register_pair
-    from pipeline.register_config import AlignOptions
-    options, align = AlignOptions(), "legacy"
+from pipeline.data.register import register_dataset, register_pair
+from pipeline.data.register_options import AlignOptions
+options = AlignOptions(align=align)
 ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 tmp = Path(tempfile.mkdtemp(prefix="bench_register_"))
 try:

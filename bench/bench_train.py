@@ -225,10 +225,9 @@ def _bench_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.train.data import PatchCollate
     from pipeline.train.settings import TrainSettings
     from pipeline.train.step import StepClock
-    from pipeline.train.worker import prepare_job, train_epoch
+    from pipeline.train.worker import epoch_batches, prepare_job, train_epoch
 
     t_imported = time.time()
     s = TrainSettings(**config["settings"])
@@ -243,7 +242,8 @@ def _bench_loop(config: dict) -> None:
     job.clock = StepClock()
     cpu_proc, cpu_thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
     threads_before = _thread_cpu()
-    train_epoch(job, shard, PatchCollate(job.device, s.sample_weights), 1)
+    job.started = time.perf_counter()
+    train_epoch(job, epoch_batches(job, shard), 1)
     threads = _thread_usage(threads_before, _thread_cpu(), len(job.clock.steps))
     cpu_proc, cpu_thread = time.process_time() - cpu_proc, time.thread_time() - cpu_thread
     wall = time.perf_counter() - wall
@@ -356,7 +356,7 @@ def ray_train(cfg: dict, params: dict, workers: int, **overrides: Any) -> dict:
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("bench")).info.run_id
     config = {"settings": dataclasses.asdict(s), "model_name": cfg["model_name"], "model_args": cfg["model_args"],
-              "loss": loss_section(params), "val": None, "steps_per_epoch": total, "init_weights": None,
+              "loss": loss_section(params), "val": None, "steps_per_epoch": total, "total_steps": total, "train_pairs": None, "init_weights": None,
               "mlflow_uri": uri, "mlflow_run_id": run_id, "driver_host": socket.gethostname(),
               "bench": {"warmup": cfg["warmup"], "result_dir": str(tmp)}}
     t_data = time.time()

@@ -16,8 +16,9 @@ Usage::
     python bench/screen.py --table [--names a,b]
 
 Groups: ``MSRS-day``/``MSRS-night`` by the pair name (``D``/``N``); the other datasets' pairs are
-``day`` when the mean visible luma is at least ``DAY_LUMA`` (RoadScene's daytime FLIR frames),
-else ``night``.
+``day`` when the mean visible luma is at least ``DAY_LUMA`` (RoadScene's sunlit FLIR frames, 128
+to 185 on the validation pairs; its dusk and street-light frames are 73 to 107), else ``night``.
+``--table`` recomputes the groups from each run's ``val_per_image.csv``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pipeline.evaluate.ship import HEADLINE
 
 RECIPE = Path("recipes/cpu")
 RESULTS = Path("bench/results/screen.jsonl")
-DAY_LUMA = 70.0
+DAY_LUMA = 110.0
 COLUMNS = (*HEADLINE, *DIAGNOSTICS)
 
 
@@ -63,10 +64,15 @@ def group_of(stem: str, dataset: str, vi_luma: float) -> str:
     return "day" if vi_luma >= DAY_LUMA else "night"
 
 
-def fuse_val(checkpoint: Path, registered: Path, ids: list[str], out: Path) -> None:
+def fuse_val(checkpoint: Path | str, registered: Path, ids: list[str], out: Path) -> None:
+    """Fuse the pairs ``ids`` with a checkpoint, or a pixel baseline (``average``/``maximum``)."""
+    from pipeline.evaluate.stage import PIXEL_METHODS, fuse_average, fuse_maximum
     from pipeline.model.inference import Fuser
 
-    fuser = Fuser.from_file(checkpoint)
+    if str(checkpoint) in PIXEL_METHODS:
+        fuser = fuse_average if str(checkpoint) == "average" else fuse_maximum
+    else:
+        fuser = Fuser.from_file(checkpoint)
     for stem in ids:
         ir, vi = read_registered_pair(registered, stem)
         write_image(out / f"{stem}.png", fuser(ir, vi))
@@ -87,6 +93,7 @@ def screen(name: str, overrides: list[str], steps: int, seed: int, checkpoint: P
     set_dotted(params, "train.seed", seed)
     set_dotted(params, "train.run_name", tag)
     set_dotted(params, "train.experiment", "mda-screen")
+    set_dotted(params, "train.epochs", 1)  # one validation + checkpoint at the end (the schedule follows the steps)
     out = (Path("bench/results/screen") / (tag if checkpoint is None else f"score-{name}")).resolve()
     data = recipe / "data"
     paths = TrainPaths(patches_dir=data / "stats" / "patches", registered_dir=data / "registered",
@@ -134,7 +141,7 @@ def score_val(name: str, checkpoint: Path, data: Path, out: Path) -> dict[str, A
     df.to_csv(out / "val_per_image.csv", index=False)
     means = {m: float(df[m].mean()) for m in COLUMNS}
     by_group = {g: {m: float(sub[m].mean()) for m in COLUMNS} | {"pairs": int(len(sub))} for g, sub in df.groupby("group")}
-    return {"name": name, "val_pairs": len(df), "means": means, "groups": by_group}
+    return {"name": name, "val_pairs": len(df), "means": means, "groups": by_group, "out": str(out)}
 
 
 def _log_to_mlflow(summary: dict[str, Any], means: dict[str, float], groups: dict[str, Any]) -> None:
@@ -149,10 +156,31 @@ def _log_to_mlflow(summary: dict[str, Any], means: dict[str, float], groups: dic
     log_metrics_batched(client, summary["run_id"], values, step=0)
 
 
+def regroup(record: dict[str, Any], data: Path = RECIPE / "data") -> dict[str, Any]:
+    """The record's per-group means recomputed from its ``val_per_image.csv`` (current ``group_of``)."""
+    import pandas as pd
+
+    out = Path(record.get("out") or "")
+    csv = out / "val_per_image.csv"
+    if not csv.is_file():
+        return record
+    df = pd.read_csv(csv)
+    datasets = read_datasets(data / "raw")
+    df["group"] = [group_of(n, datasets.get(n, "?"), float(read_gray(data / "registered" / "vi" / f"{n}.png").mean()))
+                   for n in df["name"].astype(str)]
+    record["groups"] = {g: {m: float(sub[m].mean()) for m in COLUMNS} | {"pairs": int(len(sub))}
+                        for g, sub in df.groupby("group")}
+    return record
+
+
 def table(names: list[str] | None = None) -> str:
     rows = [json.loads(ln) for ln in RESULTS.read_text().splitlines() if ln.strip()]
     if names:
         rows = [r for r in rows if r["name"] in names]
+    for r in rows:
+        r.setdefault("out", str(Path("bench/results/screen") / (f"screen-{r['name']}-s{r['seed']}-{r['steps']}"
+                                                               if r["steps"] else f"score-{r['name']}")))
+        regroup(r)
     by: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r["name"], r["steps"]), []).append(r)
@@ -181,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--score", type=Path, default=None, metavar="CKPT",
-                        help="no training: score this checkpoint on the validation pairs")
+    parser.add_argument("--score", default=None, metavar="CKPT",
+                        help="no training: score this checkpoint (or 'average'/'maximum') on the validation pairs")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--names", default=None)
     args = parser.parse_args(argv)

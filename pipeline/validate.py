@@ -140,6 +140,12 @@ def _check_workers(params: Mapping[str, Any], settings: TrainSettings) -> None:
         return  # a cluster: its resources are known only once joined
     cpus = opts.get("num_cpus") or os.cpu_count() or 1
     if settings.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if settings.num_workers > gpus:
+            raise ParamsError(f"params: 'train.num_workers' {settings.num_workers} with train.use_gpu: this machine "
+                              f"has {gpus} CUDA GPU(s) (set train.use_gpu: false, or run on a GPU machine)")
         return
     if settings.num_workers > cpus:
         raise ParamsError(f"params: 'train.num_workers' {settings.num_workers} is more than the {cpus} CPU(s) of "

@@ -1,7 +1,7 @@
 """DVC stage ``evaluate``: fuse the test split with the trained model and the baselines, score it.
 
 Usage: ``python stages/evaluate.py --params params.yaml --train-info models/train.json
---registered data/registered --split data/patches/split.json --out eval --metrics metrics/eval.json``
+--registered data/registered --split data/patches/split.json --out eval --metrics metrics/eval``
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                      Arg("--registered", "registered images (ir/, vi/)"),
                      Arg("--split", "split.json of the crop stage"),
                      Arg("--out", "report folder (per_image.csv, table.md, grid.png, fused/)", output="staged-dir"),
-                     Arg("--metrics", "JSON of the means per method (DVC metrics)", output="file"), ray=True, mlflow=True, argv=argv)
+                     Arg("--metrics", "folder of the DVC metrics: <method>.json with the headline means",
+                         output="dir"), ray=True, mlflow=True, argv=argv)
 
 
 if __name__ == "__main__":

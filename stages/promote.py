@@ -1,7 +1,7 @@
 """DVC stage ``promote``: register the trained model and move ``@champion`` if it passes the gate.
 
 Usage: ``python stages/promote.py --params params.yaml --train-info models/train.json
---eval-metrics metrics/eval.json --eval-test-set eval/test_set.json --out models/promotion.json``
+--eval-metrics eval/means.json --eval-test-set eval/test_set.json --out models/promotion.json``
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the stage (``argv``: its arguments, ``sys.argv[1:]`` when ``None``); returns the exit code."""
     return run_stage("promote", __doc__, run,
                      Arg("--train-info", "models/train.json of the train stage"),
-                     Arg("--eval-metrics", "metrics/eval.json of the evaluate stage"),
+                     Arg("--eval-metrics", "eval/means.json of the evaluate stage (every mean of every method)"),
                      Arg("--eval-test-set", "eval/test_set.json of the evaluate stage (the champion is "
                          "compared only on the same test set)", {"default": None}),
                      Arg("--out", "JSON file for the decision", output="file"), mlflow=True, argv=argv)

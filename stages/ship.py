@@ -1,7 +1,7 @@
 """DVC stage ``ship``: copy the promoted checkpoint to ``models/pretrained/`` and write its card.
 
 Usage: ``python stages/ship.py --params params.yaml --checkpoint models/best.pt --train-info
-models/train.json --eval-metrics metrics/eval.json --promotion models/promotion.json --split
+models/train.json --eval-metrics eval/means.json --promotion models/promotion.json --split
 data/patches/split.json --raw data/raw --out-model M.pt --out-card M.json``
 """
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage("ship", __doc__, run,
                      Arg("--checkpoint", "the trained checkpoint (models/best.pt)"),
                      Arg("--train-info", "models/train.json of the train stage"),
-                     Arg("--eval-metrics", "metrics/eval.json of the evaluate stage"),
+                     Arg("--eval-metrics", "eval/means.json of the evaluate stage (every mean of every method)"),
                      Arg("--promotion", "models/promotion.json of the promote stage"),
                      Arg("--split", "split.json of the crop stage"),
                      Arg("--raw", "gathered raw folder (its datasets.json)", {"default": None}),

@@ -97,7 +97,7 @@ def stage_argv(name: str, ws: Path, out: Path | None = None) -> list[str]:
                   "--val-plot", str(out / "val.csv")],
         "evaluate": ["--train-info", str(ws / "train.json"), "--registered", str(ws / "registered"),
                      "--split", str(ws / "patches" / "split.json"), "--out", str(out / "eval"),
-                     "--metrics", str(out / "eval.json")],
+                     "--metrics", str(out / "eval_metrics")],
         "promote": ["--train-info", str(ws / "train.json"), "--eval-metrics", str(ws / "eval_means.json"),
                     "--out", str(out / "promotion.json")],
     }[name]

@@ -45,7 +45,7 @@ def import_closure(script: Path) -> set[Path]:
 
 
 #: the pipelines: the demo's and the CPU recipe's (its paths are relative to its folder)
-PIPELINES = {"dvc.yaml": "", "recipes/cpu/dvc.yaml": "../../"}
+PIPELINES = {"dvc.yaml": "", "recipes/cpu/dvc.yaml": "../../", "recipes/gpu/dvc.yaml": "../../"}
 
 
 def _stages(pipeline: str = "dvc.yaml") -> dict[str, dict]:

@@ -54,7 +54,8 @@ EXPECTED_OUTPUTS: list[str] = [
     "eval/table.md",
     "eval/grid.png",
     "eval/report.html",
-    "metrics/eval.json",
+    "metrics/eval/ours.json",
+    "eval/means.json",
     "models/promotion.json",
 ]
 
@@ -132,8 +133,10 @@ def test_dvc_repro_in_a_fresh_git_copy_then_nothing_to_do(demo_repo):
     missing = [p for p in EXPECTED_OUTPUTS if not (repo / p).exists()]
     assert not missing, f"declared outputs missing after dvc repro: {missing}\n{first[-3000:]}"
     shown = _run(["dvc", "metrics", "show"], repo, env)
-    assert "metrics/stats.json" in shown and "patch.w_int_ir.p5" in shown, shown
-    assert "metrics/eval.json" in shown and "ours.VIF" in shown and "average.Qabf" in shown, shown
+    assert "metrics/stats.json" in shown and "w_int_ir_p50" in shown and "patches" in shown, shown
+    assert "metrics/eval/ours.json" in shown and "metrics/eval/average.json" in shown and "VIF" in shown, shown
+    width = max(len(line) for line in shown.splitlines())
+    assert width <= 200, f"dvc metrics show is {width} columns wide:\n{shown}"
 
     before = _fingerprint(repo, ["dvc.lock", *EXPECTED_OUTPUTS])
     second = _run(["dvc", "repro", *REPRO_TARGETS], repo, env)

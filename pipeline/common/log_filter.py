@@ -21,6 +21,10 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TextIO
 
+#: ``MDA_VERBOSE=1`` brings back the detail hidden from the console: Ray Train's per-report and
+#: per-checkpoint lines, Ray's authentication notice and its actor-argument notices.
+VERBOSE_ENV = "MDA_VERBOSE"
+
 #: Printed every few seconds by Ray Train V2's placement-group cleaner when the State API is slow
 #: (a loaded 2-core machine): harmless, the cleaner "continues to monitor".
 RAY_TRAIN_CONTROLLER_NOISE = "Failed to query Ray Train Controller actor state"
@@ -31,6 +35,18 @@ RAY_DATA_NOTICES = {
     "ray.data._internal.progress": "Progress bars disabled",  # off on purpose (configure_data_context)
     "ray.data._internal.execution.streaming_executor": "execution finished in",  # one per map
 }
+#: Ray's notice, at every local start, that token authentication is on (it stays on; the notice
+#: is dropped unless ``MDA_VERBOSE`` is set): logger name -> fragment.
+RAY_AUTH_NOTICE = {"ray._private.authentication.authentication_token_setup":
+                   "Token authentication is enabled for this Ray cluster"}
+#: Lines of Ray's C++ core workers that Ray Train's and Ray Data's own actors cause at every run:
+#: a notice that an actor's constructor arguments live in the object store (harmless here).
+RAY_ACTOR_ARGS_NOTICE = "has constructor arguments in the object store and max_restarts > 0"
+#: What Ray Train's controller prints while it starts the worker group (the stage prints its own
+#: one-line start and per-epoch summary instead).
+RAY_TRAIN_START_NOTICES = ("Requesting resources:", "Attempting to start training worker group",
+                           "Started training worker group", ") world_rank=", "Setting up process group for",
+                           "Moving model to device", "Wrapping provided model in DistributedDataParallel")
 
 
 class _DropMessages(logging.Filter):
@@ -42,6 +58,16 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.fragment not in record.getMessage()
+
+
+def quiet_ray_auth_notice() -> None:
+    """Drop ``RAY_AUTH_NOTICE`` in this process unless ``MDA_VERBOSE`` is set (idempotent)."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    for name, fragment in RAY_AUTH_NOTICE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(_DropMessages(fragment))
 
 
 def quiet_ray_data() -> None:
@@ -106,9 +132,6 @@ def drop_lines(*fragments: str) -> Iterator[list[LineFilter]]:
             f.target.flush()
 
 
-#: ``MDA_VERBOSE=1`` keeps the per-report and per-checkpoint lines of Ray Train's workers.
-VERBOSE_ENV = "MDA_VERBOSE"
-
 
 def quiet_ray_train_worker() -> None:
     """In a Ray Train worker: Ray's "Reporting training result ..." (the whole metrics dict, on
@@ -119,5 +142,5 @@ def quiet_ray_train_worker() -> None:
     import ray.train.v2._internal.execution.context as context
     import ray.train.v2._internal.execution.storage as storage
 
-    for name in (context.__file__, storage.__name__, "ray.train._internal.storage"):
+    for name in (context.__file__, storage.__name__, "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)

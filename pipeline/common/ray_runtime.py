@@ -28,7 +28,7 @@ from ray.data import DataContext
 from ray.exceptions import RayTaskError
 
 from pipeline.common.config import param
-from pipeline.common.log_filter import quiet_ray_data
+from pipeline.common.log_filter import quiet_ray_auth_notice, quiet_ray_data
 from pipeline.common.machine import release_free_memory, use_system_allocator
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def ray_session(
             yield ray.cluster_resources()
         return
     target = resolve_address(address)
+    quiet_ray_auth_notice()
     kwargs: dict[str, Any] = {"include_dashboard": False}
     if quiet:
         kwargs["logging_level"] = logging.WARNING

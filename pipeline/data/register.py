@@ -20,7 +20,7 @@ Per pair (in Ray Data tasks of a few pairs each):
 Outputs of :func:`register_dataset` in ``OUT``: ``ir/<stem>.png`` (``uint8`` gray), ``vi/<stem>.png``
 (``uint8`` BGR or gray), ``manifest.parquet`` (:func:`manifest_schema`, one row per pair, accepted
 and rejected) and ``rejected.json`` (``[{pair_id, ir, vi, reason}]``); and the alignment report
-(``alignment.json``, ``alignment.png``: :func:`write_report`) in ``register.report_dir`` (``OUT``
+(``alignment.json``, ``counts.json``, ``alignment.png``: :func:`write_report`) in ``register.report_dir`` (``OUT``
 when empty). The images are written by the Ray tasks, so on a multi-node cluster ``OUT`` must be
 on storage shared by all nodes. Source paths (``ir_src``, ``vi_src``, and in the reasons) are
 recorded relative to the working folder when they lie inside it (:func:`recorded_path`), so the
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: File names of the alignment report.
 REPORT_METRICS = "alignment.json"
+#: The few counts shown by ``dvc metrics show`` (the details stay in ``alignment.json``).
+REPORT_COUNTS = "counts.json"
 REPORT_PICTURE = "alignment.png"
 
 
@@ -394,7 +396,8 @@ def flagged_pairs(rows: list[dict[str, Any]], options: AlignOptions) -> list[dic
 def write_report(
     rows: list[dict[str, Any]], report_dir: str | Path, options: AlignOptions, written_dir: str | Path | None = None
 ) -> None:
-    """Write ``alignment.json`` (:func:`alignment_metrics`) and ``alignment.png`` (edge overlays of
+    """Write ``alignment.json`` (:func:`alignment_metrics`), ``counts.json`` (its pairs, confident
+    and corrected: the DVC metric) and ``alignment.png`` (edge overlays of
     :func:`flagged_pairs`; a blank note when there is none) into ``report_dir``.
 
     Args:
@@ -405,7 +408,10 @@ def write_report(
     """
     folder = Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / REPORT_METRICS, alignment_metrics(rows, options))
+    metrics = alignment_metrics(rows, options)
+    write_json(folder / REPORT_METRICS, metrics)
+    write_json(folder / REPORT_COUNTS, {"pairs": metrics["pairs_checked"], "confident": metrics["confident"],
+                                        "corrected": metrics["corrected"]})
     picture = overlay_sheet(flagged_pairs(rows, options), Path(written_dir or folder))
     ok, data = cv2.imencode(".png", picture)
     if not ok:

@@ -24,8 +24,9 @@ tasks or their order (the weight metrics up to the order of float additions). It
   img_w_det_vi``;
 - ``<out>/images.parquet``: one row per pair (``pair_id, split, height, width``, statistics,
   weights ``w_*``);
-- ``<out>/normalisation.json``; the DVC metrics file (mean, std, p5, p50, p95 of ``w_int_ir`` and
-  ``w_det_ir``, patch- and image-level) and the histogram plot CSV (bin centre vs count).
+- ``<out>/normalisation.json``; ``<out>/summary.json`` (mean, std, p5, p50, p95 of ``w_int_ir``
+  and ``w_det_ir``, patch- and image-level, and the scales); the DVC metrics file (the counts and
+  the median image weight: ``headline_metrics``) and the histogram plot CSV (bin centre vs count).
 """
 
 from __future__ import annotations
@@ -316,6 +317,18 @@ def accumulate_scales(rows: Any, names: Sequence[str], scale_split: str | None) 
     return scales_from_histograms(hists), int(hists[names[0]].sum())
 
 
+#: The whole weight spread (every percentile of every weight, patch and image level, the scales)
+#: in the stats folder; ``dvc metrics show`` gets :func:`headline_metrics`.
+SUMMARY_FILE = "summary.json"
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The counts and the median image-level IR intensity weight (the DVC metrics file)."""
+    image = metrics["image"]
+    return {"patches": metrics["patch"]["count"], "images": image["count"],
+            "w_int_ir_p50": image.get("w_int_ir", {}).get("p50")}
+
+
 def accumulate_weight_metrics(rows: Any, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Sum weight summaries (per shard or per task) into ``{name: {"mean", "std", "p5", ...}}`` and fine histograms."""
     moments = {n: np.zeros(3) for n in names}
@@ -414,12 +427,13 @@ def compute_stats(
             "image": {"count": image_table.num_rows, **img_metrics},
             "scales": {"patch": scales, "image": img_scales},
         }
+        write_json(tmp / SUMMARY_FILE, metrics)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if metrics_path is not None:
-        write_json(metrics_path, metrics)
+        write_json(metrics_path, headline_metrics(metrics))
     if plot_path is not None:
         hists = {f"{n}_patch": patch_hists[n] for n in watched}
         hists.update({f"{n}_image": img_hists[n] for n in watched})

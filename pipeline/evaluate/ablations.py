@@ -12,7 +12,7 @@ Everything here except :func:`complexity`, :func:`write_chart` and :func:`build_
 pure function of its arguments (unit-tested on a fake ``dvc exp show --json`` document).
 
 The "full" model of the grid is the pipeline's default network and loss section
-(``loss.profile: ours``: max targets, L1 intensity, gradient weight 10) with the paper's
+(``loss.profile: ours``: max targets, L1 intensity, the gradient weight of ``params.yaml``, 2) with the paper's
 patch-level and style terms switched on, so that each switch removes one component the paper
 claims. The fusion-point feature term stays off (as in ``params.yaml``): it is defined on the five
 fusion points, which the reduced-scale network does not have.
@@ -35,10 +35,9 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.data.gather import GatherConfig, gather
+from pipeline.evaluate.metrics import HEADLINE
 from pipeline.model.network import build_model, model_config
 
-#: The 8 headline metrics of the table (all: higher is better), in published order.
-HEADLINE: tuple[str, ...] = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM")
 #: Experiment names are ``<EXP_PREFIX><variant>[-<tag>]``.
 EXP_PREFIX = "abl-"
 #: Input of the FLOP count: one forward pass on one 256x256 pair.
@@ -288,13 +287,15 @@ class Row:
 
 def table_rows(picked: Mapping[str, ExpRecord], variants: Sequence[str], method: str = "ours") -> list[Row]:
     """Rows in grid order for the variants that have an experiment: the ``method`` means of
-    ``metrics/eval.json`` and ``fit_time_s`` of ``metrics/train.json``."""
+    ``metrics/eval/<method>.json`` (``metrics/eval.json`` in experiments of before that layout) and
+    ``fit_time_s`` of ``metrics/train.json``."""
     rows = []
     for v in variants:
         r = picked.get(v)
         if r is None:
             continue
-        means = (r.metrics.get("metrics/eval.json") or {}).get(method) or {}
+        means = (r.metrics.get(f"metrics/eval/{method}.json")
+                 or (r.metrics.get("metrics/eval.json") or {}).get(method) or {})
         train = r.metrics.get("metrics/train.json") or {}
         rows.append(Row(v, r.name, r.rev, {m: means.get(m) for m in HEADLINE}, train.get("fit_time_s")))
     return rows

@@ -3,7 +3,7 @@
 Most recent infrared/visible fusion papers report EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, CC and
 PSNR computed by the evaluator shipped with CDDFuse (Zhao et al., CVPR 2023). The formulas below
 follow those conventions exactly, so that our figures are comparable with published tables
-(checked in ``tests/test_metrics.py``: CDDFuse's SDNet row on the 25 TNO test pairs is reproduced
+(checked in ``tests/evaluate/test_metrics.py``: CDDFuse's SDNet row on the 25 TNO test pairs is reproduced
 within 0.02).
 
 Conventions common to every metric:
@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 #: The metric columns, in the order used by every table, CSV and JSON of the project.
 METRICS: tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR")
+#: The 8 metrics of the published tables (CDDFuse's order; all: higher is better).
+HEADLINE: tuple[str, ...] = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM")
 
 # Qabf constants (Xydeas & Petrovic, 2000; values of the reference evaluator).
 _QABF_TG, _QABF_KG, _QABF_DG = 0.9994, -15.0, 0.5

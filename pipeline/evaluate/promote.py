@@ -9,7 +9,7 @@ Rule (parameters from the ``promote`` section of ``params.yaml``):
 2. Reference: the current ``@champion`` (its ``eval.<metric>`` tags) when it was evaluated on the
    same test set (tag ``test_set.digest``, from ``eval/test_set.json``); without a champion, or
    with a champion scored on another test set (whose means cannot be compared with ours), the
-   pixel-average baseline of the same evaluation (``metrics/eval.json``), so a model is never
+   pixel-average baseline of the same evaluation (``eval/means.json``), so a model is never
    promoted without beating a method without any learning on its own test set.
 3. The version passes when it is strictly better than the reference on ``promote.primary`` (by
    more than ``promote.min_improvement``) and not worse on each gate metric by more than its
@@ -52,7 +52,7 @@ TAG_SOURCE = "source_model_uri"
 TAG_RUN = "train_run_id"
 TAG_TEST_SET = "test_set.digest"
 EVAL_TAG_PREFIX = "eval."
-#: The method of ``metrics/eval.json`` that holds the trained model's means.
+#: The method of ``eval/means.json`` that holds the trained model's means.
 OURS = "ours"
 #: Registered model names accepted (they go into MLflow search filters).
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -84,7 +84,7 @@ class PromoteConfig:
         primary: metric the new version must improve (higher is better).
         min_improvement: required margin on ``primary`` (``new > ref + min_improvement``).
         gates: ``{metric: tolerance}``: ``new >= ref - tolerance`` for each.
-        baseline: method of ``metrics/eval.json`` that is the reference when there is no champion.
+        baseline: method of ``eval/means.json`` that is the reference when there is no champion.
     """
 
     model_name: str = setting("mda-fusion", str, convert=_model_name)
@@ -170,7 +170,7 @@ def compare(
 
 
 def read_eval_means(path: str | Path) -> dict[str, dict[str, float]]:
-    """Read ``metrics/eval.json`` (``{method: {metric: mean}}``).
+    """Read ``eval/means.json`` (``{method: {metric: mean}}``).
 
     Raises:
         FileNotFoundError: missing file. ValueError: not JSON or no ``ours`` entry.
@@ -345,7 +345,7 @@ def promote(
 
     Args:
         train_info: ``models/train.json`` (``run_id``, ``model_uri``).
-        eval_means: ``metrics/eval.json`` (``{"ours": {...}, "average": {...}, ...}``).
+        eval_means: ``eval/means.json`` (``{"ours": {...}, "average": {...}, ...}``).
         cfg: the ``promote`` parameters.
         test_set: digest of the test set the means come from (``read_test_set_digest``); the
             champion is the reference only when its recorded digest is the same (both ``None``

@@ -22,11 +22,10 @@ from pipeline.common.config import read_settings, setting
 from pipeline.common.machine import describe_machine
 from pipeline.data.contracts import read_split
 from pipeline.data.gather import read_datasets
+from pipeline.evaluate.metrics import HEADLINE
 from pipeline.model.weights import load_model
 
-#: The 8 headline metrics of the tables (all: higher is better), in the published order.
-HEADLINE: tuple[str, ...] = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM")
-#: metrics/eval.json method -> name in the card
+#: eval/means.json method -> name in the card
 CARD_NAMES = {"official": "authors' weights", "average": "average", "maximum": "maximum"}
 
 
@@ -34,6 +33,7 @@ CARD_NAMES = {"official": "authors' weights", "average": "average", "maximum": "
 class ShipConfig:
     """The ``ship:`` section."""
 
+    file: str = setting("mda_cpu", str)
     name: str = setting("mda-cpu-recipe", str)
     command: str = setting("dvc repro recipes/cpu/dvc.yaml", str)
     test_set: str = setting("TNO-25", str)
@@ -65,9 +65,10 @@ def data_record(split_json: str | Path, raw_dir: str | Path | None, test_list: s
     """Pairs per split, and per dataset for a gathered raw folder."""
     split = read_split(split_json)
     datasets = read_datasets(raw_dir) if raw_dir else {}
-    record: dict[str, Any] = {f"{k}_pairs_total": len(v) for k, v in split.items()}
+    parts = {k: split[k] for k in ("train", "val", "test")}
+    record: dict[str, Any] = {f"{k}_pairs_total": len(v) for k, v in parts.items()}
     if datasets:
-        for k, ids in split.items():
+        for k, ids in parts.items():
             record[f"{k}_pairs"] = dict(Counter(datasets.get(i, "?") for i in ids))
     record["test_list"] = test_list
     return record
@@ -91,13 +92,12 @@ def ship(cfg: ShipConfig, checkpoint: str | Path, train_info: str | Path, eval_m
         raise ValueError(f"{eval_metrics}: no 'ours' row")
     info = _read_json(train_info)
     load_model(checkpoint)  # refuses a file that does not load (or holds non-finite weights)
-    copy_atomic(Path(checkpoint), Path(out_model))
     params = params or {}
     card = {
         "name": cfg.name,
         "command": cfg.command,
         "output": str(out_model),
-        "sha256": hashlib.sha256(Path(out_model).read_bytes()).hexdigest(),
+        "sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
         "model": params.get("model", {}),
         "postprocess": "clip",
         "data": data_record(split_json, raw_dir, (params.get("crop") or {}).get("test_list")),
@@ -111,9 +111,15 @@ def ship(cfg: ShipConfig, checkpoint: str | Path, train_info: str | Path, eval_m
         "registry": {"model_name": decision.get("model_name"), "version": decision.get("version"),
                      "alias": decision.get("decision")},
         "test_set": cfg.test_set,
+        "licence": ("the network: Apache-2.0 (this project); trained with the style term on ImageNet VGG-16 "
+                    "features (torchvision, BSD-3-Clause; ImageNet-1k is for non-commercial research: "
+                    "models/vgg16/SOURCE.md)" if (params.get("loss") or {}).get("style", {}).get("enabled")
+                    else "Apache-2.0 (this project)"),
         "tno25": means["ours"],
         "tno25_baselines": {CARD_NAMES.get(k, k): v for k, v in means.items() if k != "ours"},
     }
+    # only now, with the card complete: nothing is shipped by a stage that fails
+    copy_atomic(Path(checkpoint), Path(out_model))
     write_json(Path(out_card), card)
     return card
 

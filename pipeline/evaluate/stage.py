@@ -44,9 +44,10 @@ from pipeline.common.mlflow_store import log_metrics_batched
 from pipeline.common.ray_runtime import configure_data_context
 from pipeline.data.contracts import read_split
 from pipeline.data.images import find_pairs, merge_luma, read_pair, split_luma, write_image
-from pipeline.evaluate.metrics import DIAGNOSTICS, METRICS, brightness_gaps, compute_all
+from pipeline.evaluate.metrics import DIAGNOSTICS, HEADLINE, METRICS, brightness_gaps, compute_all
 from pipeline.evaluate.report import (
-    image_grid, markdown_table, mean_per_method, means_for_json, write_per_image_csv, write_visual_report,
+    METHOD_ORDER, image_grid, markdown_table, mean_per_method, means_for_json, write_per_image_csv,
+    write_visual_report,
 )
 from pipeline.model.inference import Fuser
 from pipeline.model.weights import load_model
@@ -344,6 +345,8 @@ def fuse_and_score(
 
 # --------------------------------------------------------------------------------------------
 # Orchestration
+#: Every mean of every method, in the report folder (what promote and ship read).
+MEANS_FILE = "means.json"
 
 
 def resolve_methods(checkpoint: str | Path, official_weights: str | Path | None) -> tuple[dict[str, str | None], dict[str, str]]:
@@ -374,7 +377,7 @@ def evaluate(
     registered_dir: str | Path,
     split_path: str | Path,
     out_dir: str | Path,
-    metrics_path: str | Path,
+    metrics_dir: str | Path,
     cfg: EvalConfig,
 ) -> EvalResult:
     """Fuse the test split with every method, score it and write the reports.
@@ -387,7 +390,8 @@ def evaluate(
         split_path: ``data/patches/split.json``.
         out_dir: folder for ``per_image.csv``, ``table.md``, ``grid.png``, ``test_set.json``,
             ``fused/`` (replaced as a whole once complete).
-        metrics_path: JSON of the means per method (``metrics/eval.json``).
+        metrics_dir: the DVC metrics, one ``<method>.json`` per method of ``METHOD_ORDER`` with the
+            headline means (``null`` for a skipped baseline); every mean is in ``eval/means.json``.
         cfg: the ``evaluate`` parameters.
 
     Returns:
@@ -412,6 +416,7 @@ def evaluate(
             "per_image": write_per_image_csv(tmp / "per_image.csv", per_image, (*METRICS, *DIAGNOSTICS)),
             "table": write_text_atomic(tmp / "table.md", markdown_table(means, (*METRICS, *DIAGNOSTICS), len(rows), skipped)),
             "test_set": write_json(tmp / TEST_SET_FILE, test_set_record(rows)),
+            "means": write_json(tmp / MEANS_FILE, means_for_json(means)),
         }
         sources = {r["name"]: read_pair(r["ir"], r["vi"]) for r in rows if r["name"] in grid_names}
         grid = image_grid(sources, fused_images, cfg.grid_pairs, cfg.grid_tile)
@@ -424,7 +429,10 @@ def evaluate(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result.paths = {key: out_dir / path.relative_to(tmp) for key, path in written.items()}
-    result.paths["metrics"] = write_text_atomic(Path(metrics_path), json.dumps(means_for_json(means), indent=2) + "\n")
+    for method in METHOD_ORDER:
+        row = means_for_json(means).get(method, {})
+        result.paths[f"metrics_{method}"] = write_json(Path(metrics_dir) / f"{method}.json",
+                                                       {m: row.get(m) for m in HEADLINE})
     return result
 
 

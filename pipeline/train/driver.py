@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -33,7 +34,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 import pipeline
 from pipeline.common.atomic_io import atomic_writer, copy_atomic, write_json
 from pipeline.common.config import ParamsError, section
-from pipeline.common.log_filter import RAY_TRAIN_CONTROLLER_NOISE, drop_lines
+from pipeline.common.log_filter import (
+    RAY_ACTOR_ARGS_NOTICE,
+    RAY_TRAIN_CONTROLLER_NOISE,
+    RAY_TRAIN_START_NOTICES,
+    VERBOSE_ENV,
+    drop_lines,
+)
 from pipeline.common.ray_runtime import ray_options, ray_session, resolve_address
 from pipeline.data.contracts import read_split
 from pipeline.model.network import build_model, model_config
@@ -48,6 +55,7 @@ from pipeline.train.runs import (
     TrainPaths,
     _best_checkpoint,
     _find_mlflow_run,
+    headline_train_metrics,
     _new_mlflow_run,
     _reuse_finished_run,
     data_digest,
@@ -106,13 +114,17 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
                                     _run_config(params, settings, name, storage), resources)
             t_fit = time.perf_counter()
             try:
-                with drop_lines(RAY_TRAIN_CONTROLLER_NOISE) as filters:  # Ray Train V2 noise, see log_filter
+                noise = [RAY_TRAIN_CONTROLLER_NOISE]
+                if not os.environ.get(VERBOSE_ENV):
+                    noise += [RAY_ACTOR_ARGS_NOTICE, *RAY_TRAIN_START_NOTICES]
+                with drop_lines(*noise) as filters:  # Ray Train V2 noise, see log_filter
                     result = fit_keeping_ctrl_c(trainer)
             except TrainingFailedError as exc:
                 raise RuntimeError(f"training run {name} failed: {_root_cause(exc)}") from exc
             fit_s = time.perf_counter() - t_fit
             if sum(f.dropped for f in filters):
-                log.info("hid %d '%s' line(s) (harmless)", sum(f.dropped for f in filters), RAY_TRAIN_CONTROLLER_NOISE)
+                log.info("hid %d line(s) of Ray's known notices (harmless; MDA_VERBOSE=1 shows them)",
+                         sum(f.dropped for f in filters))
     except BaseException as exc:
         client.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -306,7 +318,8 @@ def _export(result: Result, settings: TrainSettings, paths: TrainPaths, client: 
     metrics_out.update({f"best_{settings.checkpoint_metric}": best_value, "epochs": summary["epochs"],
                         "steps": summary["steps"],
                         "fit_time_s": round(fit_s, 2), "stage_time_s": round(time.perf_counter() - t_start, 2)})
-    write_json(paths.metrics_json, metrics_out)
+    summary["metrics"] = metrics_out
+    write_json(paths.metrics_json, headline_train_metrics(metrics_out))
     write_json(paths.summary_json, summary)
     client.log_dict(run_id, {"summary": summary, "metrics": metrics_out}, SUMMARY_ARTIFACT)
     return summary

@@ -195,7 +195,7 @@ def apply_profile(cfg: Mapping[str, Any]) -> dict[str, Any]:
     ``paper`` overrides it with :data:`PAPER_PROFILE`.
 
     Raises:
-        pipeline.config.ParamsError: an unknown profile.
+        pipeline.common.config.ParamsError: an unknown profile.
     """
     profile = param(cfg, "profile", str, where="loss", default="ours", choices=PROFILES)
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}

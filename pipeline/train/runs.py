@@ -184,6 +184,15 @@ def _set_aside(run_dir: Path) -> Path:
     return dest
 
 
+#: The training figures ``dvc metrics show`` lists (all of them: ``models/train.json`` "metrics").
+TRAIN_HEADLINE = ("steps", "fit_time_s", "val_ssim", "val_qabf")
+
+
+def headline_train_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The few training figures of the DVC metrics file ``metrics/train.json``."""
+    return {k: metrics[k] for k in TRAIN_HEADLINE if k in metrics}
+
+
 def _recorded_outputs(run_id: str) -> dict[str, Any] | None:
     """The ``SUMMARY_ARTIFACT`` of a run, or ``None`` when it is absent or not a JSON object.
 
@@ -241,7 +250,8 @@ def _reuse_finished_run(client: Any, run_id: str, name: str, settings: TrainSett
              summary.get("model_uri"))
     copy_atomic(checkpoint, Path(paths.best_checkpoint))
     summary["checkpoint"] = str(paths.best_checkpoint)
-    write_json(paths.metrics_json, metrics)
+    summary["metrics"] = metrics
+    write_json(paths.metrics_json, headline_train_metrics(metrics))
     write_json(paths.summary_json, summary)
     return summary
 

@@ -208,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train") if s.sampler == "patches" else None
     job = prepare_job(config, s)
     pairs = _val_pairs(config, job.rank, job.world)
-    batches = _batches(job, shard)
+    batches = epoch_batches(job, shard)
     job.started = time.perf_counter()
     for epoch in range(job.start_epoch, s.epochs + 1):
         t0 = time.perf_counter()
@@ -227,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
 
-def _batches(job: Job, shard: Any) -> Callable[[int], Any]:
+def epoch_batches(job: Job, shard: Any) -> Callable[[int], Any]:
     """``batches(epoch)``: an iterator of this worker's training batches for that epoch.
 
     ``patches``: the shard of the patch table, passed over again as often as the epoch needs

@@ -257,7 +257,7 @@ def test_outputs_do_not_depend_on_the_checkout_folder(tmp_path, ray_local, monke
         rows = _manifest(project / "registered")
         assert (rows["demo_000"]["ir_src"], rows["demo_000"]["vi_src"]) == ("raw/ir/demo_000.png", "raw/vi/demo_000.png")
         assert rows["demo_001"]["reason"].startswith("unreadable: visible raw/vi/demo_001.png:")
-    assert len(outputs["a"]) == 6 and outputs["a"] == outputs["deeper/b"]
+    assert len(outputs["a"]) == 7 and outputs["a"] == outputs["deeper/b"]  # images, manifest, report, rejections, counts
     from pipeline.data.register import recorded_path
 
     assert recorded_path(tmp_path / "a/raw/ir/x.png", tmp_path / "deeper") == str(tmp_path / "a/raw/ir/x.png")

@@ -165,8 +165,10 @@ def test_crop_and_stats_on_real_roadscene_pairs(tmp_path, ray_local):
     norm = Normalisation.load(out / "normalisation.json", "patch")
     w = adaptive_weights({k: row[f"ir_{k}"] for k in norm.scales}, {k: row[f"vi_{k}"] for k in norm.scales}, norm)
     assert w["int_ir"] == pytest.approx(row["w_int_ir"]) and w["det_vi"] == pytest.approx(row["w_det_vi"])
-    # metrics and histogram
-    saved = json.loads(metrics_path.read_text())
+    # metrics (the counts and the median image weight) and the whole spread in the stats folder
+    assert json.loads(metrics_path.read_text()) == {"patches": len(patches), "images": len(images),
+                                                    "w_int_ir_p50": result["image"]["w_int_ir"]["p50"]}
+    saved = json.loads((out / "summary.json").read_text())
     assert saved["patch"]["w_int_ir"]["p5"] == pytest.approx(np.percentile(patches.w_int_ir, 5, method="inverted_cdf"), abs=0.002)
     assert saved["patch"]["w_int_ir"]["p95"] - saved["patch"]["w_int_ir"]["p5"] > 0.3  # the weights really vary
     with plot.open() as fh:
@@ -246,5 +248,5 @@ def test_stats_stage_with_fixed_weighting_writes_constant_weights(tmp_path, ray_
                 assert (table[prefix + name] == 0.5).all(), prefix + name
     assert json.loads((tmp_path / "stats" / "normalisation.json").read_text())["weighting"] == "fixed"
     assert Normalisation.load(tmp_path / "stats" / "normalisation.json").weighting == "fixed"
-    saved = json.loads((tmp_path / "m.json").read_text())
+    saved = json.loads((tmp_path / "stats" / "summary.json").read_text())
     assert saved["patch"]["w_int_ir"]["std"] == 0 and saved["image"]["w_det_ir"]["mean"] == 0.5

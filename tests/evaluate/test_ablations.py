@@ -72,7 +72,7 @@ def test_grid_commands_queue_every_variant_with_the_common_budget():
     assert [v.name for v in ab.select_variants(["add", "full"])] == ["full", "add"]
 
 
-def test_every_setting_survives_dvc_set_params_and_validates(tmp_path):
+def test_every_setting_survives_dvc_set_params_and_validates(tmp_path, monkeypatch):
     """-S values go through DVC's YAML 1.2 writer, params.yaml is read as YAML 1.1 by the stages:
     every value of the grid must come back as itself, and the result must pass stage `params`."""
     from dvc.utils.hydra import apply_overrides
@@ -86,6 +86,13 @@ def test_every_setting_survives_dvc_set_params_and_validates(tmp_path):
     spec.loader.exec_module(stage_params)
     test_list = tmp_path / "list.txt"
     test_list.write_text("01.png\n")
+    import numpy as np
+
+    from pipeline.data.images import write_image
+
+    monkeypatch.chdir(REPO)  # the files params.yaml names are relative to the repository
+    for sub in ("ir", "vi"):  # the params stage looks at the raw folder too
+        write_image(tmp_path / "raw" / sub / "01.png", np.zeros((96, 96), np.uint8))
     for v in ab.VARIANTS:
         path = tmp_path / f"{v.name}.yaml"
         shutil.copy(REPO / "params.yaml", path)

@@ -54,7 +54,7 @@ def test_evaluate_baselines_equal_mda_evaluate_on_raw_tno_files(tmp_path, ray_lo
     save_checkpoint(tmp_path / "best.pt", build_model("mda", **TINY_ARGS), "mda", TINY_ARGS)
     cfg = EvalConfig(official_weights=str(weights), batch_size=2, grid_pairs=0)
     result = evaluate(tmp_path / "best.pt", tmp_path / "registered", tmp_path / "split.json",
-                      tmp_path / "eval", tmp_path / "eval.json", cfg)
+                      tmp_path / "eval", tmp_path / "metrics", cfg)
     stage = {(r["method"], r["name"]): [r[m] for m in METRICS] for r in result.per_image}
 
     # the same baselines from the raw files, scored by `mda evaluate`'s code

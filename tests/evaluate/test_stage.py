@@ -12,7 +12,7 @@ from pipeline.common.config import ParamsError
 from pipeline.evaluate.report import markdown_table, means_for_json
 from pipeline.evaluate.stage import EvalConfig, fuse_average, fuse_maximum, resolve_methods
 from pipeline.data.images import write_image
-from pipeline.evaluate.metrics import DIAGNOSTICS, METRICS, brightness_gaps, compute_all
+from pipeline.evaluate.metrics import DIAGNOSTICS, HEADLINE, METRICS, brightness_gaps, compute_all
 
 from conftest import shared_file
 
@@ -70,7 +70,7 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     (root / "params.yaml").write_text(
         f"evaluate:\n  official_weights: {root / 'absent.pth'}\n  batch_size: 2\n  grid_pairs: 2\n  grid_tile: [40, 56]\n"
     )
-    out, metrics = root / "eval", root / "metrics" / "eval.json"
+    out, metrics = root / "eval", root / "metrics" / "eval"
     rc = main(["--params", str(root / "params.yaml"), "--train-info", str(root / "train.json"),
                "--registered", str(root / "registered"), "--split", str(root / "split.json"),
                "--out", str(out), "--metrics", str(metrics)])
@@ -81,8 +81,12 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     assert sorted(zip(df.method, df.name)) == sorted((m, n) for m in ("average", "maximum", "ours") for n in ("p1", "p2", "p3"))
     assert np.isfinite(df[list(METRICS)].to_numpy()).all()
 
-    # the means file is {method: {metric: mean}} and agrees with the CSV
-    means = json.loads(metrics.read_text())
+    # the means file is {method: {metric: mean}} and agrees with the CSV; the DVC metrics are the
+    # headline means, one file per method (null for the skipped baseline)
+    means = json.loads((out / "means.json").read_text())
+    for method in ("average", "maximum", "ours"):
+        assert json.loads((metrics / f"{method}.json").read_text()) == {m: means[method][m] for m in HEADLINE}
+    assert set(json.loads((metrics / "official.json").read_text()).values()) == {None}
     assert list(means) == ["average", "maximum", "ours"]
     for method, vals in means.items():
         expected = df[df.method == method][list(METRICS)].mean()
@@ -122,7 +126,7 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     assert logged["test_ours_VIF"] == pytest.approx(means["ours"]["VIF"])
     assert logged["test_average_Qabf"] == pytest.approx(means["average"]["Qabf"])
     artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "eval")}
-    assert {"eval/per_image.csv", "eval/table.md", "eval/grid.png", "eval/eval.json"} <= artifacts
+    assert {"eval/per_image.csv", "eval/table.md", "eval/grid.png", "eval/means.json", "eval/ours.json"} <= artifacts
 
     # the evaluated test set is identified (promote compares like with like)
     test_set = json.loads((out / "test_set.json").read_text())
@@ -138,7 +142,7 @@ def test_evaluate_stage_end_to_end(tiny_project, ray_local, monkeypatch, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("evaluate: error: ") and "p2.png" in err[-1] and "cannot decode" in err[-1]
     assert "Traceback" not in err[-1] and "RayTaskError" not in err[-1]
-    assert pd.read_csv(out / "per_image.csv").equals(df) and json.loads(metrics.read_text()) == means
+    assert pd.read_csv(out / "per_image.csv").equals(df) and json.loads((out / "means.json").read_text()) == means
     assert not [p for p in root.iterdir() if p.name.startswith(".eval.")]
 
 
@@ -148,7 +152,7 @@ def test_official_baseline_scored_when_present(tiny_project, ray_local):
     weights = shared_file("models", "mda_official", "fusion_model.pth")
     root = tiny_project
     cfg = EvalConfig(official_weights=str(weights), max_pairs=1, grid_pairs=1, grid_tile=(32, 32))
-    result = evaluate(root / "best.pt", root / "registered", root / "split.json", root / "eval", root / "eval.json", cfg)
+    result = evaluate(root / "best.pt", root / "registered", root / "split.json", root / "eval", root / "metrics", cfg)
     assert list(result.means) == ["average", "maximum", "official", "ours"] and not result.skipped
     assert [r["name"] for r in result.per_image if r["method"] == "official"] == ["p1"]
     assert cv2.imread(str(root / "eval" / "grid.png")).shape == (24 + 32, 6 * 32, 3)

@@ -39,7 +39,7 @@ def _entry_points(tmp: Path) -> dict[str, list[str]]:
                         "--metrics", str(tmp / "o/m.json"), "--loss-plot", str(tmp / "o/l.csv"),
                         "--val-plot", str(tmp / "o/v.csv")],
         "evaluate stage": [*stage("evaluate"), "--train-info", str(tmp / "train.json"), "--registered", str(tmp / "r"),
-                           "--split", str(tmp / "s.json"), "--out", str(tmp / "eval"), "--metrics", str(tmp / "e.json")],
+                           "--split", str(tmp / "s.json"), "--out", str(tmp / "eval"), "--metrics", str(tmp / "e")],
         "promote stage": [*stage("promote"), "--train-info", str(tmp / "train.json"), "--eval-metrics",
                           str(tmp / "e.json"), "--out", str(tmp / "promotion.json")],
     }

@@ -94,13 +94,13 @@ def test_deterministic_resumable_and_tracked_on_mlflow_server(tmp_path, ray_loca
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     first = _train(tmp_path, inputs, out_a, "run-a", epochs=1)
     second = _train(tmp_path, inputs, out_b, "run-b", epochs=1)
-    loss_a = json.loads((out_a / "metrics" / "train.json").read_text())["train_loss"]
-    loss_b = json.loads((out_b / "metrics" / "train.json").read_text())["train_loss"]
+    loss_a = json.loads((out_a / "models" / "train.json").read_text())["metrics"]["train_loss"]
+    loss_b = json.loads((out_b / "models" / "train.json").read_text())["metrics"]["train_loss"]
     assert loss_a == pytest.approx(loss_b, rel=1e-6, abs=1e-7), "same params and seed must give the same epoch-1 loss"
 
     # re-launching run-a with more epochs resumes it from its epoch-1 checkpoint, same MLflow run
     resumed = _train(tmp_path, inputs, out_a, "run-a", epochs=2)
-    final = json.loads((out_a / "metrics" / "train.json").read_text())
+    final = json.loads((out_a / "models" / "train.json").read_text())["metrics"]
     assert resumed["run_id"] == first["run_id"] != second["run_id"]
     assert resumed["epochs"] == 2
     client = MlflowClient(mlflow_server)
@@ -112,7 +112,8 @@ def test_deterministic_resumable_and_tracked_on_mlflow_server(tmp_path, ray_loca
     out_c = tmp_path / "c"
     again = _train(tmp_path, inputs, out_c, "run-a", epochs=2)
     assert again["run_id"] == first["run_id"] and again["model_uri"] == resumed["model_uri"]
-    assert json.loads((out_c / "metrics" / "train.json").read_text()) == final
+    assert json.loads((out_c / "models" / "train.json").read_text())["metrics"] == final
+    assert json.loads((out_c / "metrics" / "train.json").read_text()) == {k: final[k] for k in ("steps", "fit_time_s", "val_ssim", "val_qabf")}
     assert (out_c / "models" / "best.pt").read_bytes() == (out_a / "models" / "best.pt").read_bytes()
     assert len(MlflowClient(mlflow_server).search_logged_models(
         experiment_ids=[MlflowClient(mlflow_server).get_run(first["run_id"]).info.experiment_id],
@@ -196,7 +197,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
                      "a Ray Train worker process of this run", step=0.2)
         os.kill(pids[-1], signal.SIGKILL)
         summary = future.result(timeout=400)
-    final = json.loads((out / "metrics" / "train.json").read_text())
+    final = json.loads((out / "models" / "train.json").read_text())["metrics"]
     assert summary["epochs"] == 4 and final["epochs"] == 4
     from mlflow.tracking import MlflowClient
 

@@ -218,3 +218,25 @@ def test_channels_last_and_fused_adamw_keep_the_maths(tmp_path):
     off = (q - p).abs() > 1e-5 + 1e-3 * p.abs()
     assert off.float().mean() < 1e-3, f"{int(off.sum())} of {p.numel()} weights differ"
     assert float((q - p).abs().max()) <= 2 * 3 * s.lr + 1e-6
+
+
+def test_schedule_follows_whichever_budget_runs_out_first():
+    """train.steps and train.max_seconds: the cosine decay runs on the larger share used, and the
+    run stops on the first budget that ends, saying which (issue 19)."""
+    model = torch.nn.Linear(2, 1)
+    s = TrainSettings(lr=1.0, warmup_steps=0, min_lr_ratio=0.0, max_seconds=100.0)
+    opt = build_optimizer(model, s)
+    sched = build_scheduler(opt, s, total_steps=1000)
+    assert sched.update(0.0) == pytest.approx(1.0)
+    assert sched.update(50.0) == pytest.approx(0.5)  # half the time used, almost no steps: the time leads
+    assert sched.done(50.0) is None and sched.done(100.0) == "time"
+    for _ in range(1000):
+        sched.step()
+    assert sched.done(1.0) == "steps"
+    state = sched.state_dict()
+    resumed = build_scheduler(build_optimizer(model, s), s, total_steps=1000)
+    resumed.load_state_dict(state)
+    assert resumed.steps_done == 1000 and resumed.done(0.0) == "steps"
+    no_clock = TrainSettings(lr=1.0, warmup_steps=0, min_lr_ratio=0.0)
+    plain = build_scheduler(build_optimizer(model, no_clock), no_clock, total_steps=10)
+    assert plain.update(1e9) == pytest.approx(1.0) and plain.done(1e9) is None  # no time budget
