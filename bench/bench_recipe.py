@@ -1,7 +1,7 @@
 """The CPU recipe's training through Ray Train against the single-process loop it replaced, side by
 side in one run, on the recipe's own data.
 
-- ``loop``: what ``pipeline/train/recipe.py`` did before the recipe became a DVC pipeline: one
+- ``loop``: what the single-process loop of the first recipe (``recipe.py`` in ``pipeline/train``) did before the recipe became a DVC pipeline: one
   process, ``--threads`` torch threads (the old recipe used 1), 8 random 64x64 crops with flips
   per step drawn per pair (``CropSampler``, the same class the workers use) and ``train_step``.
 - ``ray``: the train stage itself (``run_training``) with the recipe's parameters: 2 Ray Train

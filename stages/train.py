@@ -11,7 +11,6 @@ Joins the Ray cluster of ``ray.address`` / ``RAY_ADDRESS`` when set, else starts
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +29,18 @@ def run(args: argparse.Namespace, params: Mapping[str, Any]) -> str:
         summary_json=Path(args.summary), metrics_json=Path(args.metrics),
         loss_csv=Path(args.loss_plot), val_csv=Path(args.val_plot), root=Path.cwd(),
     )
-    return json.dumps(run_training(params, paths, run_name=args.run_name), indent=2)
+    summary = run_training(params, paths, run_name=args.run_name)
+    return format_summary(summary)
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """Two lines: the run and its steps, and where the model went (all figures: ``--summary``)."""
+    m = summary.get("metrics") or {}
+    figures = ", ".join(f"{k} {m[k]:.4f}" for k in ("val_ssim", "val_qabf", "val_loss") if k in m)
+    return (f"train: run {summary['run_name']}: {summary.get('steps')} steps (stopped by {summary.get('stopped_by')}) "
+            f"in {summary.get('fit_time_s')} s; {figures}\n"
+            f"  best checkpoint {summary['checkpoint']} ({summary['best_metric']['name']} "
+            f"{summary['best_metric']['value']:.4f}, epoch {summary['best_metric']['epoch']}); MLflow run {summary['run_id']}")
 
 
 def main(argv: list[str] | None = None) -> int:

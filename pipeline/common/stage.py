@@ -112,6 +112,7 @@ def run_stage(
         arg.add_to(parser)
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     if argv is None:  # a script: Ctrl-C is bounded (see _Interrupts)
         outputs = [Path(getattr(ns, a.dest)) for a in args if a.output and getattr(ns, a.dest) is not None]
         handler = _Interrupts(name, outputs).handle
@@ -132,6 +133,19 @@ def run_stage(
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _quiet_libraries() -> None:
+    """A stage prints its own start, progress and summary lines: MLflow's INFO records (store
+    set-up, input-example validation) and its artifact progress bars are left out unless
+    ``MDA_VERBOSE`` is set."""
+    from pipeline.common.log_filter import VERBOSE_ENV
+
+    if os.environ.get(VERBOSE_ENV):
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _die_with_parent() -> None:

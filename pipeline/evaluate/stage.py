@@ -337,6 +337,9 @@ def fuse_and_score(
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        # no actor restarts: a fusion actor that dies fails the stage (it is rerun whole), and Ray
+        # then does not print an error-level notice about restartable actors with stored arguments
+        max_restarts=0,
         **({"num_gpus": 1} if use_gpu else {}),
     )
     scored = fused.map_batches(score_batch, batch_size=cfg.batch_size, batch_format="numpy")

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import mlflow.pyfunc
@@ -77,62 +79,85 @@ def _as_u8(value: Any, name: str, row: int) -> np.ndarray:
     return arr
 
 
-class FusionPyfunc(mlflow.pyfunc.PythonModel):
-    """``pyfunc`` wrapper around ``pipeline.model.inference.Fuser`` (see the module docstring for I/O)."""
+#: MLflow's notice, at class creation, that ``predict`` has no type hints. None on purpose: with
+#: hints MLflow converts the input to lists before the model sees it. MLflow sets its own warning
+#: filter around the check, so the notice is dropped where it is shown (``warnings.showwarning``).
+_TYPE_HINT_NOTICE = "Add type hints to the `predict` method"
 
-    def load_context(self, context: Any) -> None:
-        """Load the network from the ``checkpoint`` artifact."""
 
-        self._fuser = Fuser.from_file(context.artifacts["checkpoint"])
+@contextmanager
+def _without_type_hint_notice() -> Iterator[None]:
+    shown = warnings.showwarning
 
-    def fuse(self, ir: Any, vi: Any, row: int = 0) -> np.ndarray:
-        """Fuse one pair: ir (H, W) and vi (H, W) or (H, W, 3) BGR, 0-255 -> uint8 like ``vi``."""
-        return self._fuse_checked(*self._check(ir, vi, row))
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if _TYPE_HINT_NOTICE not in str(message):
+            shown(message, category, filename, lineno, file, line)
 
-    def _check(self, ir: Any, vi: Any, row: int) -> tuple[np.ndarray, np.ndarray]:
-        ir_u8 = _as_u8(ir, "ir", row)
-        vi_u8 = _as_u8(vi, "vi", row)
-        if ir_u8.ndim != 2:
-            raise ValueError(f"row {row}: 'ir' must be a single-channel (H, W) image, got shape {ir_u8.shape}")
-        if ir_u8.shape != vi_u8.shape[:2]:
-            raise ValueError(f"row {row}: 'ir' {ir_u8.shape} and 'vi' {vi_u8.shape[:2]} differ in size")
-        return ir_u8, vi_u8
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
-    def _fuse_checked(self, ir_u8: np.ndarray, vi_u8: np.ndarray) -> np.ndarray:
-        return np.asarray(self._fuser(ir_u8, vi_u8), dtype=np.uint8)
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow infers schemas from hints
-        """Fuse every row (DataFrame) or the arrays of a dict (see the module docstring).
+with _without_type_hint_notice():
 
-        Bad input (shape, size mismatch, non-finite values, over ``MDA_SERVE_MAX_PIXELS``) is
-        refused before any fusing, as an ``MlflowException`` (HTTP 400 from ``mlflow models
-        serve``) whose message is the reason, with no traceback or server path.
-        """
-        try:
-            return self._predict(model_input)
-        except ValueError as exc:
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    class FusionPyfunc(mlflow.pyfunc.PythonModel):
+        """``pyfunc`` wrapper around ``pipeline.model.inference.Fuser`` (see the module docstring for I/O)."""
 
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        def load_context(self, context: Any) -> None:
+            """Load the network from the ``checkpoint`` artifact."""
 
-    def _predict(self, model_input: Any) -> Any:
+            self._fuser = Fuser.from_file(context.artifacts["checkpoint"])
 
-        if isinstance(model_input, pd.DataFrame):
-            missing = {"ir", "vi"} - set(model_input.columns)
-            if missing:
-                raise ValueError(f"input lacks column(s) {sorted(missing)}; expected 'ir' and 'vi'")
-            pairs = [self._check(r.ir, r.vi, i) for i, r in enumerate(model_input.itertuples(index=False))]
-            return pd.DataFrame({"fused": [self._fuse_checked(*p).tolist() for p in pairs]})
-        if isinstance(model_input, dict):
-            if "ir" not in model_input or "vi" not in model_input:
-                raise ValueError("input dict needs keys 'ir' and 'vi'")
-            ir, vi = model_input["ir"], model_input["vi"]
-            if isinstance(ir, (list, tuple)) and isinstance(vi, (list, tuple)) and ir and np.asarray(ir[0]).ndim == 2:
-                pairs = [self._check(a, b, i) for i, (a, b) in enumerate(zip(ir, vi))]
-                return [self._fuse_checked(*p) for p in pairs]
-            return self.fuse(ir, vi)
-        raise ValueError(f"unsupported input type {type(model_input).__name__}: pass a DataFrame or a dict")
+        def fuse(self, ir: Any, vi: Any, row: int = 0) -> np.ndarray:
+            """Fuse one pair: ir (H, W) and vi (H, W) or (H, W, 3) BGR, 0-255 -> uint8 like ``vi``."""
+            return self._fuse_checked(*self._check(ir, vi, row))
+
+        def _check(self, ir: Any, vi: Any, row: int) -> tuple[np.ndarray, np.ndarray]:
+            ir_u8 = _as_u8(ir, "ir", row)
+            vi_u8 = _as_u8(vi, "vi", row)
+            if ir_u8.ndim != 2:
+                raise ValueError(f"row {row}: 'ir' must be a single-channel (H, W) image, got shape {ir_u8.shape}")
+            if ir_u8.shape != vi_u8.shape[:2]:
+                raise ValueError(f"row {row}: 'ir' {ir_u8.shape} and 'vi' {vi_u8.shape[:2]} differ in size")
+            return ir_u8, vi_u8
+
+        def _fuse_checked(self, ir_u8: np.ndarray, vi_u8: np.ndarray) -> np.ndarray:
+            return np.asarray(self._fuser(ir_u8, vi_u8), dtype=np.uint8)
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow infers schemas from hints
+            """Fuse every row (DataFrame) or the arrays of a dict (see the module docstring).
+
+            Bad input (shape, size mismatch, non-finite values, over ``MDA_SERVE_MAX_PIXELS``) is
+            refused before any fusing, as an ``MlflowException`` (HTTP 400 from ``mlflow models
+            serve``) whose message is the reason, with no traceback or server path.
+            """
+            try:
+                return self._predict(model_input)
+            except ValueError as exc:
+                from mlflow.exceptions import MlflowException
+                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+        def _predict(self, model_input: Any) -> Any:
+
+            if isinstance(model_input, pd.DataFrame):
+                missing = {"ir", "vi"} - set(model_input.columns)
+                if missing:
+                    raise ValueError(f"input lacks column(s) {sorted(missing)}; expected 'ir' and 'vi'")
+                pairs = [self._check(r.ir, r.vi, i) for i, r in enumerate(model_input.itertuples(index=False))]
+                return pd.DataFrame({"fused": [self._fuse_checked(*p).tolist() for p in pairs]})
+            if isinstance(model_input, dict):
+                if "ir" not in model_input or "vi" not in model_input:
+                    raise ValueError("input dict needs keys 'ir' and 'vi'")
+                ir, vi = model_input["ir"], model_input["vi"]
+                if isinstance(ir, (list, tuple)) and isinstance(vi, (list, tuple)) and ir and np.asarray(ir[0]).ndim == 2:
+                    pairs = [self._check(a, b, i) for i, (a, b) in enumerate(zip(ir, vi))]
+                    return [self._fuse_checked(*p) for p in pairs]
+                return self.fuse(ir, vi)
+            raise ValueError(f"unsupported input type {type(model_input).__name__}: pass a DataFrame or a dict")
 
 
 def signature_and_example(size: tuple[int, int] = (16, 16)) -> tuple[Any, Any]:

@@ -13,6 +13,8 @@ Terms (each returned separately, before its global weight)::
 
     intensity      = mean_B[ w_int_a * mean D(f, a) + w_int_b * mean D(f, b) ]
     ssim           = mean_B[ w_det_a * (1 - mean S(f, a)) + w_det_b * (1 - mean S(f, b)) ]
+                     (``loss.ssim.luminance: false``: S without its luminance factor, so the term
+                     asks for the inputs' local contrast and structure, not their local means)
     gradient       = mean_B mean | G(f) - (w_det_a G(a) + w_det_b G(b)) |
     patch_intensity= mean_B mean[ m_int_a D(f, a) + m_int_b D(f, b) ]
     patch_ssim     = mean_B mean[ m_det_a (1 - S(f, a)) + m_det_b (1 - S(f, b)) ]
@@ -115,6 +117,7 @@ def ssim_map(
     window_size: int = SSIM_WINDOW,
     sigma: float = SSIM_SIGMA,
     data_range: float = 1.0,
+    luminance: bool = True,
 ) -> torch.Tensor:
     """Per-pixel SSIM (Wang et al. 2004) with a Gaussian window, 'valid' region.
 
@@ -128,7 +131,8 @@ def ssim_map(
             independent (x may be broadcast along C).
 
     Returns:
-        (B, C, H - window_size + 1, W - window_size + 1) SSIM values in [-1, 1].
+        (B, C, H - window_size + 1, W - window_size + 1) SSIM values in [-1, 1]; with
+        ``luminance=False`` the contrast-structure factor alone (local means ignored).
     """
     if x.dim() != 4 or y.dim() != 4:
         raise ValueError(f"ssim_map expects (B, C, H, W) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -142,6 +146,8 @@ def ssim_map(
     mu_x, mu_y, xx, yy, xy = stats.chunk(5, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     var_x, var_y, cov = xx - mu_xx, yy - mu_yy, xy - mu_xy
+    if not luminance:  # contrast-structure only (the SSIM of MS-SSIM's finer scales)
+        return (2 * cov + c2) / (var_x + var_y + c2)
     num = (2 * mu_xy + c1) * (2 * cov + c2)
     den = (mu_xx + mu_yy + c1) * (var_x + var_y + c2)
     return num / den
@@ -397,6 +403,7 @@ class FusionLoss(nn.Module):
         intensity_target: str = "blend",
         intensity_adaptive: bool = True,
         ssim_enabled: bool = True,
+        ssim_luminance: bool = True,
         ssim_weight: float = 1.0,
         gradient_enabled: bool = True,
         gradient_weight: float = 1.0,
@@ -427,6 +434,7 @@ class FusionLoss(nn.Module):
         self.intensity_kind = intensity_kind
         self.intensity_target, self.gradient_target = intensity_target, gradient_target
         self.intensity_adaptive = intensity_adaptive
+        self.ssim_luminance = ssim_luminance
         self.ssim_enabled, self.gradient_enabled = ssim_enabled, gradient_enabled
         self.patch_enabled, self.style_enabled, self.feature_enabled = patch_enabled, style_enabled, feature_enabled
         self.patch_window, self.patch_temperature = patch_window, patch_temperature
@@ -473,6 +481,7 @@ class FusionLoss(nn.Module):
             intensity_adaptive=param(cfg, "intensity.adaptive", bool, where=w, default=True),
             gradient_target=param(cfg, "gradient.target", str, where=w, default="blend", choices=TARGETS),
             ssim_enabled=param(cfg, "ssim.enabled", bool, where=w),
+            ssim_luminance=param(cfg, "ssim.luminance", bool, where=w, default=True),
             ssim_weight=param(cfg, "ssim.weight", float, where=w, minimum=0.0),
             gradient_enabled=param(cfg, "gradient.enabled", bool, where=w),
             gradient_weight=param(cfg, "gradient.weight", float, where=w, minimum=0.0),
@@ -546,7 +555,7 @@ class FusionLoss(nn.Module):
                 out["patch_intensity"] = (m[:, :1] * err_a + m[:, 1:] * err_b).mean()
         # SSIM structure (one SSIM call for both sources)
         if self.ssim_enabled:
-            s = ssim_map(f, torch.cat([a, b], dim=1))  # (B, 2, h, w), valid region
+            s = ssim_map(f, torch.cat([a, b], dim=1), luminance=self.ssim_luminance)  # (B, 2, h, w), valid region
             dis = 1.0 - s
             out["ssim"] = (w["det_ir"] * dis[:, 0].mean((1, 2)) + w["det_vi"] * dis[:, 1].mean((1, 2))).mean()
             if maps is not None:

@@ -122,9 +122,10 @@ def test_corrupt_registered_model_is_a_clear_error(champion, tmp_path, capsys):
     assert original.is_file()
     with open(original, "wb") as fh:
         fh.write(b"not a checkpoint")
-    ir_path = tmp_path / "ir.png"
+    ir_path, vi_path = tmp_path / "ir.png", tmp_path / "vi.png"
     write_image(ir_path, _pair()[0])
-    assert main(["fuse", str(ir_path), str(ir_path), "-o", str(tmp_path / "o.png"), "--model", "models:/damaged@champion"]) == 1
+    write_image(vi_path, _pair()[0])
+    assert main(["fuse", str(ir_path), str(vi_path), "-o", str(tmp_path / "o.png"), "--model", "models:/damaged@champion"]) == 1
     err = capsys.readouterr().err
     assert "best.pt: not a readable PyTorch weights file" in err and "Traceback" not in err
 

@@ -364,3 +364,21 @@ def test_paper_profile_is_one_parameter():
         FusionLoss.from_params({**params, "profile": "seafusion"})
     with pytest.raises(ParamsError, match="loss.intensity.target"):
         FusionLoss.from_params({**params, "intensity": {**params["intensity"], "target": "min"}})
+
+
+def test_switches_that_keep_bright_regions_bright():
+    """loss.ssim.luminance: false drops SSIM's pull towards the darker input's local mean (the cause
+    of darkened day scenes); loss.intensity.adaptive: false is the plain max loss (issue 20)."""
+    import torch
+
+    from pipeline.train.losses import ssim_map
+
+    sky_vi = torch.full((1, 1, 16, 16), 0.8) + 0.05 * torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    sky_ir = 0.1 + (sky_vi - 0.8)  # same texture, dark
+    for fused, name in ((sky_vi, "kept"), (sky_vi - 0.35, "darkened")):
+        full = float(ssim_map(fused, sky_ir).mean())
+        cs = float(ssim_map(fused, sky_ir, luminance=False).mean())
+        if name == "kept":
+            kept_full, kept_cs = full, cs
+    # with the luminance factor, darkening the sky raises SSIM to IR; without it nothing changes
+    assert full > kept_full + 0.1 and abs(cs - kept_cs) < 1e-4
