@@ -2,8 +2,8 @@
 
 Usage: ``python stages/train.py --params params.yaml --patches data/stats/patches
 --images data/stats/images.parquet --registered data/registered --split data/patches/split.json
---checkpoint models/best.pt --summary models/train.json --metrics metrics/train.json
---loss-plot plots/train_loss.csv --val-plot plots/train_val.csv``
+--checkpoint models/best.pt`` (and, with these defaults, ``--summary models/train.json --metrics
+metrics/train.json --loss-plot plots/train_loss.csv --val-plot plots/train_val.csv``)
 
 Joins the Ray cluster of ``ray.address`` / ``RAY_ADDRESS`` when set, else starts a local Ray.
 """
@@ -51,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                      Arg("--registered", "registered images (ir/, vi/)"),
                      Arg("--split", "split.json of the crop stage"),
                      Arg("--checkpoint", "best checkpoint out (our format)", output="file"),
-                     Arg("--summary", "JSON with run_id, model_uri, checkpoint, best_metric", output="file"),
-                     Arg("--metrics", "final metrics JSON (DVC metrics)", output="file"),
-                     Arg("--loss-plot", "per-step loss terms CSV (DVC plots)", output="file"),
-                     Arg("--val-plot", "per-epoch train/val metrics CSV (DVC plots)", output="file"),
+                     Arg("--summary", "JSON with run_id, model_uri, checkpoint, best_metric and every figure",
+                         {"default": "models/train.json"}, output="file"),
+                     Arg("--metrics", "the few training figures of the DVC metrics", {"default": "metrics/train.json"},
+                         output="file"),
+                     Arg("--loss-plot", "per-step loss terms CSV (DVC plots)", {"default": "plots/train_loss.csv"},
+                         output="file"),
+                     Arg("--val-plot", "per-epoch train/val metrics CSV (DVC plots)", {"default": "plots/train_val.csv"},
+                         output="file"),
                      Arg("--run-name", "override train.run_name (same name resumes)", {"default": None}),
                      mlflow=True, errors=(*USER_ERRORS, RuntimeError), argv=argv)
 

@@ -438,7 +438,7 @@ def compute_stats(
         hists = {f"{n}_patch": patch_hists[n] for n in watched}
         hists.update({f"{n}_image": img_hists[n] for n in watched})
         write_hist_csv(plot_path, hists)
-    log.info("stats: %s", metrics)
+    log.debug("stats: %s", metrics)
     return metrics
 
 
