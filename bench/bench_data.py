@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # registered_fixtures: the registered layout from a raw dataset
 
 #: Warm-up: this many crop shards per CPU, so that every worker process runs tasks and imports its

@@ -22,7 +22,6 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.common.machine import provenance  # noqa: E402
 from pipeline.evaluate.metrics import METRIC_FUNCTIONS, METRICS, compute_all  # noqa: E402

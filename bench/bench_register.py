@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default: 2)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per (checkout, mode) (default: 2)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from pipeline.common.atomic_io import write_json
     from pipeline.common.machine import provenance
 

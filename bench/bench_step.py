@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 FULL_LOSS = {"patch": {"enabled": True}, "style": {"enabled": True}, "feature": {"enabled": True}}
 

@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TARGETS = {"ray1_vs_plain_1thread": 0.95, "ray2_vs_plain_2threads": 1.10, "startup_s_max": 15.0}
 
