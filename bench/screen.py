@@ -78,7 +78,8 @@ def fuse_val(checkpoint: Path | str, registered: Path, ids: list[str], out: Path
         write_image(out / f"{stem}.png", fuser(ir, vi))
 
 
-def screen(name: str, overrides: list[str], steps: int, seed: int, checkpoint: Path | None = None) -> dict[str, Any]:
+def screen(name: str, overrides: list[str], steps: int, seed: int, checkpoint: Path | None = None,
+           epochs: int = 1, scored_steps: int = 0) -> dict[str, Any]:
     """Train (or take ``checkpoint``), then score the validation pairs; returns the record."""
     from pipeline.train.driver import run_training
     from pipeline.train.runs import TrainPaths
@@ -93,7 +94,7 @@ def screen(name: str, overrides: list[str], steps: int, seed: int, checkpoint: P
     set_dotted(params, "train.seed", seed)
     set_dotted(params, "train.run_name", tag)
     set_dotted(params, "train.experiment", "mda-screen")
-    set_dotted(params, "train.epochs", 1)  # one validation + checkpoint at the end (the schedule follows the steps)
+    set_dotted(params, "train.epochs", epochs)  # validation + checkpoint rounds (the schedule follows the steps)
     out = (Path("bench/results/screen") / (tag if checkpoint is None else f"score-{name}")).resolve()
     data = recipe / "data"
     paths = TrainPaths(patches_dir=data / "stats" / "patches", registered_dir=data / "registered",
@@ -111,7 +112,7 @@ def screen(name: str, overrides: list[str], steps: int, seed: int, checkpoint: P
     else:
         summary = {"fit_time_s": None, "stopped_by": None, "run_id": None}
     record = score_val(name, paths.best_checkpoint if checkpoint is None else checkpoint, data, out)
-    record.update({"overrides": overrides, "steps": steps if checkpoint is None else 0, "seed": seed,
+    record.update({"overrides": overrides, "steps": steps if checkpoint is None else scored_steps, "seed": seed,
                    "fit_time_s": summary.get("fit_time_s"), "wall_s": round(time.time() - t0, 1),
                    "stopped_by": summary.get("stopped_by"), "mlflow_run_id": summary.get("run_id")})
     if summary.get("run_id"):
@@ -207,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default 300); with --score: "
+                        "the steps the checkpoint was trained for, recorded")
+    parser.add_argument("--epochs", type=int, default=1, help="validation + checkpoint rounds (the recipe: 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--score", default=None, metavar="CKPT",
                         help="no training: score this checkpoint (or 'average'/'maximum') on the validation pairs")
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.name:
         parser.error("NAME is required (or --table)")
-    record = screen(args.name, args.overrides, args.steps, args.seed, checkpoint=args.score)
+    record = screen(args.name, args.overrides, args.steps or 300, args.seed, checkpoint=args.score, epochs=args.epochs,
+                    scored_steps=args.steps or 0)
     print(json.dumps({k: record[k] for k in ("name", "steps", "seed", "fit_time_s", "means")}, indent=1))
     return 0
 

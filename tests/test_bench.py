@@ -53,3 +53,13 @@ def test_bench_train_plain_side_with_the_two_process_ceiling(tmp_path):
     two = res["plain_2processes"]  # two 1-thread loops side by side: the ceiling of 2 workers
     assert len(two["each_patches_per_s"]) == 2 and two["patches_per_s"] == pytest.approx(sum(two["each_patches_per_s"]))
     assert "2 plain loops at once" in proc.stdout
+
+
+def test_tno25_rank_reproduces_the_published_ranking(tmp_path):
+    """bench/tno25_rank.py on the first shipped model's means: 5th of 13 at mean rank 5.12, behind
+    SeAFusion 3.50, the pixel maximum 4.12, IFCNN 4.25 and PIAFusion 4.62 (the figures of issue 20)."""
+    means = {"EN": 6.785, "SD": 38.42, "SF": 8.29, "MI": 3.053, "SCD": 1.576, "VIF": 0.883, "Qabf": 0.462, "SSIM": 1.004}
+    (tmp_path / "means.json").write_text(json.dumps({"ours": means}))
+    out = _bench("tno25_rank.py", str(tmp_path / "means.json")).stdout.splitlines()
+    assert out[0].split()[1:5] == ["SeAFusion", "mean", "rank", "3.50"]
+    assert out[4].split()[:5] == ["5.", "ours", "mean", "rank", "5.12"] and len(out) == 13

@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -331,17 +332,19 @@ def fuse_and_score(
 
     configure_data_context()
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
-    fused = ds.map_batches(
-        FuseBatch,
-        fn_constructor_kwargs={"methods": ship_weights(methods), "use_gpu": use_gpu},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        # no actor restarts: a fusion actor that dies fails the stage (it is rerun whole), and Ray
-        # then does not print an error-level notice about restartable actors with stored arguments
-        max_restarts=0,
-        **({"num_gpus": 1} if use_gpu else {}),
-    )
+    with warnings.catch_warnings():  # Ray 2.60 names max_restarts deprecated and offers no other way yet
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        fused = ds.map_batches(
+            FuseBatch,
+            fn_constructor_kwargs={"methods": ship_weights(methods), "use_gpu": use_gpu},
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            # no actor restarts: a fusion actor that dies fails the stage (it is rerun whole), and Ray
+            # then prints no error-level notice about restartable actors with stored arguments
+            max_restarts=0,
+            **({"num_gpus": 1} if use_gpu else {}),
+        )
     scored = fused.map_batches(score_batch, batch_size=cfg.batch_size, batch_format="numpy")
     yield from scored.iter_rows()
 
