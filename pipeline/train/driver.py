@@ -36,6 +36,7 @@ from pipeline.common.atomic_io import atomic_writer, copy_atomic, write_json
 from pipeline.common.config import ParamsError, section
 from pipeline.common.log_filter import (
     RAY_ACTOR_ARGS_NOTICE,
+    RAY_DATA_NOTICES,
     RAY_TRAIN_CONTROLLER_NOISE,
     RAY_TRAIN_START_NOTICES,
     VERBOSE_ENV,
@@ -116,7 +117,8 @@ def run_training(params: Mapping[str, Any], paths: TrainPaths, run_name: str | N
             try:
                 noise = [RAY_TRAIN_CONTROLLER_NOISE]
                 if not os.environ.get(VERBOSE_ENV):
-                    noise += [RAY_ACTOR_ARGS_NOTICE, *RAY_TRAIN_START_NOTICES]
+                    # and Ray Data's notices from the dataset's split coordinator actor
+                    noise += [RAY_ACTOR_ARGS_NOTICE, *RAY_TRAIN_START_NOTICES, *RAY_DATA_NOTICES.values()]
                 with drop_lines(*noise) as filters:  # Ray Train V2 noise, see log_filter
                     result = fit_keeping_ctrl_c(trainer)
             except TrainingFailedError as exc:
