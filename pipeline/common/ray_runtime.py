@@ -114,6 +114,7 @@ def ray_session(
     if quiet:
         kwargs["logging_level"] = logging.WARNING
         kwargs["log_to_driver"] = True
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if target:
         log.info("joining Ray cluster at %s", target)
         probe_address(target)
@@ -122,6 +123,8 @@ def ray_session(
         cpus = num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray with %d CPUs", cpus)
         ray.init(num_cpus=cpus, **kwargs)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init installs its own (exit 15, no cleanup)
     try:
         with _original_task_errors():
             yield ray.cluster_resources()

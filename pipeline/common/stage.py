@@ -227,6 +227,11 @@ def _run_checked(name: str, run: Callable[[argparse.Namespace, Mapping[str, Any]
     except KeyboardInterrupt:
         print(f"{name}: interrupted (outputs are written atomically: the previous ones are intact)", file=sys.stderr)
         return INTERRUPTED
+    except SystemExit as exc:  # SIGTERM while ray.init runs: Ray's own handler exits with the signal number
+        if exc.code != signal.SIGTERM:
+            raise
+        print(f"{name}: interrupted (outputs are written atomically: the previous ones are intact)", file=sys.stderr)
+        return INTERRUPTED
     if message:
         print(message)
     return 0

@@ -83,15 +83,17 @@ def test_fuse_our_checkpoint_defaults_to_clip(tmp_path, capsys):
 
 
 def test_fuse_usage_errors(tmp_path, capsys, monkeypatch):
-    a = tmp_path / "a.png"
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
     write_image(a, np.zeros((8, 8), np.uint8))
+    write_image(b, np.zeros((8, 8), np.uint8))
     monkeypatch.setattr("pipeline.cli.fuse.DEFAULT_WEIGHTS", tmp_path / "no_shipped_model.pt")
-    assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png")]) == 1
+    assert main(["fuse", str(a), str(b), "-o", str(tmp_path / "o.png")]) == 1
     assert "no model given" in capsys.readouterr().err
-    assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png"), "--model", "models:/mda@champion"]) == 1
-    assert "cannot resolve 'models:/mda@champion'" in capsys.readouterr().err
+    assert main(["fuse", str(a), str(b), "-o", str(tmp_path / "o.png"), "--model", "models:/mda@champion"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot resolve 'models:/mda@champion'" in err or "holds no model" in err, err
     assert main(["fuse", str(a), "-o", str(tmp_path / "o.png"), "--weights", str(a)]) == 1
     assert "two files" in capsys.readouterr().err
-    assert main(["fuse", str(a), str(a), "-o", str(tmp_path / "o.png"), "--weights", str(a)]) == 1
+    assert main(["fuse", str(a), str(b), "-o", str(tmp_path / "o.png"), "--weights", str(a)]) == 1
     assert "a.png: not a readable PyTorch weights file" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()

@@ -30,6 +30,9 @@ def _project(root: Path) -> Path:
     project.mkdir()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["demo"].update(num_pairs=2, height=32, width=40)
+    # the files params.yaml names, from the repository (the params stage checks that they exist)
+    params["loss"]["vgg_weights"] = str(REPO / params["loss"]["vgg_weights"])
+    params["train"]["init_weights"] = str(REPO / params["train"]["init_weights"])
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     demo = lambda out: f"{sys.executable} {REPO}/stages/demo.py --params params.yaml --out {out}"  # noqa: E731
     demo_params = ["demo.num_pairs", "demo.height", "demo.width", "demo.seed"]

@@ -191,11 +191,12 @@ def test_mlflow_models_serve_answers_with_the_fused_image(champion):
 
         # bad requests: a 400 naming the reason, quickly, with no traceback or server path (issue 22)
         big = np.zeros((40, 48), np.uint8)
-        nan_ir = ir.astype(float)
-        nan_ir[3, 4] = float("nan")
-        for data, reason in (([[ir.tolist(), big.tolist()]], "differ in size"),
+        nan_vi = gray.astype(float)
+        nan_vi[3, 4] = float("nan")  # the visible column takes any values; IR must be integers (signature)
+        small = np.zeros((16, 16), np.uint8)
+        for data, reason in (([[ir.tolist(), small.tolist()]], "differ in size"),
                              ([[big.tolist(), big.tolist()]], "over the limit of 1536"),
-                             ([[nan_ir.tolist(), gray.tolist()]], "NaN")):
+                             ([[ir.tolist(), nan_vi.tolist()]], "NaN")):
             t0 = time.monotonic()
             status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["ir", "vi"], "data": data}})
             text = json.dumps(body)
