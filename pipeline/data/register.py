@@ -396,8 +396,8 @@ def flagged_pairs(rows: list[dict[str, Any]], options: AlignOptions) -> list[dic
 def write_report(
     rows: list[dict[str, Any]], report_dir: str | Path, options: AlignOptions, written_dir: str | Path | None = None
 ) -> None:
-    """Write ``alignment.json`` (:func:`alignment_metrics`), ``counts.json`` (its pairs, confident
-    and corrected: the DVC metric) and ``alignment.png`` (edge overlays of
+    """Write ``alignment.json`` (:func:`alignment_metrics`), ``counts.json`` (its pairs checked and
+    confident: the DVC metric) and ``alignment.png`` (edge overlays of
     :func:`flagged_pairs`; a blank note when there is none) into ``report_dir``.
 
     Args:
@@ -410,8 +410,7 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     metrics = alignment_metrics(rows, options)
     write_json(folder / REPORT_METRICS, metrics)
-    write_json(folder / REPORT_COUNTS, {"pairs": metrics["pairs_checked"], "confident": metrics["confident"],
-                                        "corrected": metrics["corrected"]})
+    write_json(folder / REPORT_COUNTS, {"pairs": metrics["pairs_checked"], "confident": metrics["confident"]})
     picture = overlay_sheet(flagged_pairs(rows, options), Path(written_dir or folder))
     ok, data = cv2.imencode(".png", picture)
     if not ok:
