@@ -106,6 +106,7 @@ SMOKE_VARIANTS: tuple[str, ...] = ("full", "add")
 SMOKE_BUDGET: dict[str, Any] = {
     "register.raw_dir": "data/demo", "crop.test_list": None, "crop.stride": 64,
     "train.epochs": 1, "train.max_train_patches": 16, "train.batch_size": 4, "train.num_workers": 1,
+    "train.init_weights": None,  # a variant's network need not fit the shipped model
     "train.val_max_pairs": 1, "evaluate.max_pairs": 2,
 }
 

@@ -231,6 +231,8 @@ def check_init_weights(path: str, model_name: str, model_args: Mapping[str, Any]
     try:
         if info["name"] != model_name:
             raise RuntimeError(f"architecture {info['name']}")
+        if info["args"].get("base", "none") != model_args.get("base", "none"):  # no tensor tells them apart
+            raise RuntimeError(f"model.args.base {info['args'].get('base', 'none')!r} in the file")
         probe.load_state_dict(restored.state_dict())
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))

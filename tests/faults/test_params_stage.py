@@ -110,6 +110,7 @@ BAD = [
     ("raw_dir not a path", lambda p, t: p["register"].update(raw_dir=42), "'register.raw_dir' must be"),
     ("init_weights typo", lambda p, t: p["train"].update(init_weights="models/pretrained/mda_cpu.ptt"), "'train.init_weights'"),
     ("init_weights of another model", lambda p, t: p["model"]["args"].update(fusion="add"), "'train.init_weights'"),
+    ("init_weights with another base", lambda p, t: p["model"]["args"].update(base="none"), "model.args.base 'max'"),
     ("vgg_weights missing", lambda p, t: p["loss"].update(vgg_weights="models/vgg16/none.pt"), "'loss.vgg_weights'"),
     ("test_list missing", lambda p, t: p["crop"].update(test_list="no/list.txt"), "'crop.test_list'"),
     ("promote.primary unknown", lambda p, t: p["promote"].update(primary="VIFF"), "'promote.primary' names metric 'VIFF'"),
