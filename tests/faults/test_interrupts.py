@@ -125,7 +125,8 @@ def test_stage_whose_caller_is_killed_does_not_run_on(trained, tmp_path, ray_fre
                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     pid = int(shell.stdout.readline())
     deadline = time.monotonic() + 120
-    while "outputs checked, running" not in (tmp_path / "err.txt").read_text() and time.monotonic() < deadline:
+    err = tmp_path / "err.txt"
+    while time.monotonic() < deadline and not (err.is_file() and "outputs checked, running" in err.read_text()):
         time.sleep(0.2)
     time.sleep(3)
     shell.kill()  # SIGKILL: the parent cannot pass anything on

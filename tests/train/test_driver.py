@@ -63,7 +63,9 @@ def test_pyfunc_model_loads_by_uri_and_fuses_gray_and_colour(tmp_path, monkeypat
     raw = loaded.unwrap_python_model()
     arr = raw.predict(None, {"ir": ir, "vi": vi_bgr})
     assert isinstance(arr, np.ndarray) and arr.shape == (21, 30, 3)
-    with pytest.raises(ValueError, match="differ in size"):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="differ in size"):  # a 400 when served
         raw.predict(None, {"ir": ir[:20], "vi": vi_bgr})
     with pytest.raises(ValueError, match="0-255"):
         raw.predict(None, {"ir": ir.astype(float) * 2, "vi": vi_bgr})
