@@ -67,5 +67,5 @@ def test_pyfunc_model_loads_by_uri_and_fuses_gray_and_colour(tmp_path, monkeypat
 
     with pytest.raises(MlflowException, match="differ in size"):  # a 400 when served
         raw.predict(None, {"ir": ir[:20], "vi": vi_bgr})
-    with pytest.raises(ValueError, match="0-255"):
+    with pytest.raises(MlflowException, match="0-255"):
         raw.predict(None, {"ir": ir.astype(float) * 2, "vi": vi_bgr})
