@@ -172,6 +172,8 @@ def _worker_config(params: Mapping[str, Any], settings: TrainSettings, paths: Tr
     """
     model_name, model_args = model_config(section(params, "model"))
     loss_cfg = loss_section(params)
+    if loss_cfg.get("vgg_weights"):  # the workers' folder may differ from the driver's
+        loss_cfg = {**loss_cfg, "vgg_weights": str(Path(loss_cfg["vgg_weights"]).resolve())}
     FusionLoss.from_params(loss_cfg)  # fail fast on bad loss params, before any worker starts
     val_kwargs = {"registered_dir": str(Path(paths.registered_dir).resolve()),
                   "split_json": str(Path(paths.split_json).resolve()),
